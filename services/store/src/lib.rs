@@ -5,6 +5,8 @@
 //! parsed name every cryptographic binding uses.
 
 pub mod care_system;
+pub mod engine;
 pub mod envelope;
+pub mod tenant;
 
 pub use care_system::CareSystemName;

@@ -139,7 +139,9 @@ impl EnvelopeError {
     /// written under an unknown key epoch).
     pub fn is_integrity_failure(&self) -> bool {
         match self {
-            Self::Integrity { .. } => true,
+            // SlateDB reads only ranges it knows exist, so a range past the end means the
+            // object was cut short or replaced.
+            Self::Integrity { .. } | Self::RangeNotSatisfiable { .. } => true,
             Self::Key { source, .. } => matches!(
                 source,
                 KeyringError::UnknownEpoch { .. }

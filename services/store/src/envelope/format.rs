@@ -120,7 +120,10 @@ pub enum FormatError {
 
 /// A plaintext range outside the object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("byte range {start}..{end} is not within an object of {len} bytes")]
+#[error(
+    "byte range {start}..{end} is not within an object of {len} bytes: integrity check failed, \
+     the object is shorter than its reader expects (truncated or replaced?)"
+)]
 pub struct RangeNotSatisfiable {
     /// Requested start.
     pub start: u64,
