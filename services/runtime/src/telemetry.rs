@@ -78,8 +78,10 @@ impl LogFilter {
 }
 
 impl Default for LogFilter {
+    /// `info` for ShCR; the storage engine's routine chatter (every open prints its settings)
+    /// only from `warn` up.
     fn default() -> Self {
-        Self("info".to_owned())
+        Self("info,slatedb=warn".to_owned())
     }
 }
 
@@ -405,7 +407,7 @@ mod tests {
     fn defaults_are_quiet_and_local() {
         let config = TelemetryConfig::default();
         assert_eq!(config.otlp_endpoint, None, "no export unless asked");
-        assert_eq!(config.log_level.to_string(), "info");
+        assert_eq!(config.log_level.to_string(), "info,slatedb=warn");
         assert_eq!(config.log_format, LogFormat::Human);
     }
 
