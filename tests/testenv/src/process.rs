@@ -248,3 +248,83 @@ pub async fn tcp_open(port: u16) -> Result<(), String> {
         .map(|_| ())
         .map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_dies_during_start_up_is_reported_with_its_log() {
+        let dir = ScratchDir::new("unit").unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo 'listen tcp 127.0.0.1:1: bind: address already in use' >&2; exit 3",
+        ]);
+        let mut process =
+            ManagedProcess::spawn("doomed", cmd, &dir.path().join("doomed.log")).unwrap();
+        let err = wait_until_ready(&mut process, Duration::from_secs(10), || async {
+            Err("not yet".to_string())
+        })
+        .await
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("doomed exited during start-up"), "{text}");
+        assert!(text.contains("exit status: 3"), "{text}");
+        assert!(text.contains("address already in use"), "{text}");
+        assert!(text.contains("hint: a port it wanted is in use"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_times_out_with_the_last_probe_error() {
+        let dir = ScratchDir::new("unit").unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo still starting; sleep 30"]);
+        let mut process =
+            ManagedProcess::spawn("sleepy", cmd, &dir.path().join("sleepy.log")).unwrap();
+        let err = wait_until_ready(&mut process, Duration::from_millis(300), || async {
+            Err("connection refused".to_string())
+        })
+        .await
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("sleepy was not ready"), "{text}");
+        assert!(text.contains("connection refused"), "{text}");
+        assert!(text.contains("still starting"), "{text}");
+    }
+
+    #[test]
+    fn dropping_a_process_kills_its_whole_group() {
+        let dir = ScratchDir::new("unit").unwrap();
+        let pid_file = dir.path().join("grandchild.pid");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("sleep 60 & echo $! > {}; wait", pid_file.display()));
+        let process = ManagedProcess::spawn("parent", cmd, &dir.path().join("p.log")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pid_file.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let grandchild = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .to_string();
+        drop(process);
+        // Dead means gone or a zombie awaiting its (new) parent's reaping.
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{grandchild}/stat")).is_ok_and(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|r| !r.trim_start().starts_with('Z'))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !alive(),
+            "grandchild {grandchild} outlived its process group"
+        );
+    }
+}

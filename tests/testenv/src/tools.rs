@@ -389,6 +389,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_failed_build_shows_the_tail_of_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "for i in $(seq 1 100); do echo line $i; done; echo 'undefined: foo' >&2; exit 1",
+        ]);
+        let err = run_logged("widget", cmd, &dir.path().join("build.log")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("building widget for the test environment failed"),
+            "{text}"
+        );
+        assert!(text.contains("undefined: foo"), "{text}");
+        assert!(
+            text.contains("line 100") && !text.contains("line 10\n"),
+            "{text}"
+        );
+        assert!(text.contains("full log:"), "{text}");
+    }
+
+    #[test]
+    fn a_changed_pin_makes_the_cache_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+        std::fs::write(dir.path().join("bin/etcd"), b"").unwrap();
+        std::fs::write(dir.path().join("stamp"), "old-digest").unwrap();
+        assert!(!ETCD.is_fresh(dir.path(), "new-digest"));
+        assert!(ETCD.is_fresh(dir.path(), "old-digest"));
+        std::fs::remove_file(dir.path().join("bin/etcd")).unwrap();
+        assert!(
+            !ETCD.is_fresh(dir.path(), "old-digest"),
+            "a missing binary is stale"
+        );
+    }
+
+    #[test]
     fn go_versions_parse() {
         assert_eq!(
             parse_go_version("go version go1.26.8 linux/amd64"),
