@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
+use shcr_operator::{OperatorArgs, OperatorConfig};
 use shcr_runtime::telemetry::{TelemetryArgs, TelemetryConfig};
 
 #[derive(Debug, Parser)]
@@ -35,7 +36,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     #[command(
         about = "Run the Kubernetes operator that provisions care systems",
@@ -46,7 +47,7 @@ bucket and encryption key, and reports progress in the CareSystem's status.\n\
 \n\
 Example:\n  shcr operator --config /etc/shcr/operator.yaml"
     )]
-    Operator,
+    Operator(OperatorArgs),
 
     #[command(
         about = "Run the gateway that routes requests to each care system's store",
@@ -71,15 +72,18 @@ Example:\n  shcr store --config store.yaml"
     Store,
 
     #[command(
-        about = "Run the gateway and demo stores on this machine, no cloud needed",
+        about = "Run the platform on this machine (local storage and keys), no cloud needed",
         long_about = "Run everything on this machine.\n\
 \n\
-Starts the gateway and one record store per demo care system in one process, storing data in \
-a local directory with a local key provider: no cloud account and no cluster needed.\n\
+Opens one encrypted record store per care system in one process, storing data in a local \
+directory with a local key provider per care system: no cloud account and no cluster needed. \
+Care systems come from CareSystem manifests (--care-systems), or two built-in demo care \
+systems. Serves status, /healthz, /readyz and /metrics; Ctrl-C or SIGTERM flushes and closes \
+every store. The FHIR API and the authenticating gateway arrive with issues 4 and 5.\n\
 \n\
-Example:\n  shcr dev --log-level debug"
+Examples:\n  shcr dev\n  shcr dev --data-dir /tmp/shcr --listen 127.0.0.1:9090 --care-systems my-ics.yaml"
     )]
-    Dev,
+    Dev(shcr_gateway::dev::DevArgs),
 
     #[command(
         about = "Mint a token for trying out a dev deployment",
@@ -128,4 +132,6 @@ Example:\n  shcr crd | kubectl apply -f -"
 #[serde(default, deny_unknown_fields)]
 pub struct ShcrConfig {
     pub telemetry: TelemetryConfig,
+    pub operator: OperatorConfig,
+    pub dev: shcr_gateway::dev::DevConfig,
 }

@@ -106,12 +106,26 @@ fn a_flag_beats_its_environment_variable() {
 
 #[test]
 fn an_unbuilt_subcommand_names_its_issue() {
-    let (code, stdout, stderr) = run(&mut shcr(&["crd"]));
+    let (code, stdout, stderr) = run(&mut shcr(&["export"]));
     assert_eq!(code, Some(2));
     assert!(stdout.is_empty(), "{stdout}");
     assert!(
-        stderr.contains("`shcr crd` is not built yet in this version (see issue 6)"),
+        stderr.contains("`shcr export` is not built yet in this version (see issue 4)"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn crd_prints_the_checked_in_crd() {
+    let (code, stdout, stderr) = run(&mut shcr(&["crd"]));
+    assert_eq!(code, Some(0), "{stderr}");
+    let checked_in =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/caresystem.yaml"))
+            .expect("crds/caresystem.yaml exists");
+    assert!(
+        stdout == checked_in,
+        "crds/caresystem.yaml differs from `shcr crd`; regenerate it with \
+         `cargo run -- crd > crds/caresystem.yaml`"
     );
 }
 

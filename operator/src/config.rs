@@ -1,0 +1,134 @@
+//! The operator's configuration: one typed struct, loaded by the binary from defaults < file
+//! (section `operator`) < environment < flags.
+//!
+//! Invariants: defaults are the safe ones (no cloud identity annotation, egress only to DNS and
+//! HTTPS, metrics on their own port); unknown keys are rejected.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::leader::LeaderElectionConfig;
+
+/// Configuration of `shcr operator`. The Kubernetes connection comes from the environment
+/// (in-cluster service account, or `KUBECONFIG`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+pub struct OperatorConfig {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub listen: SocketAddr,
+    /// Image of the record store when a CareSystem does not name one.
+    pub store_image: String,
+    /// Annotations on every store ServiceAccount, e.g. `eks.amazonaws.com/role-arn` (IRSA) so
+    /// the store gets credentials for its own bucket and key.
+    pub store_service_account_annotations: BTreeMap<String, String>,
+    /// S3 API endpoint for non-AWS object storage (e.g. `http://minio:9000`); absent: AWS.
+    pub s3_endpoint: Option<String>,
+    /// KMS API endpoint for a non-AWS KMS; absent: AWS.
+    pub kms_endpoint: Option<String>,
+    /// Region for the KMS client and for buckets' default (each CareSystem names its bucket's).
+    pub region: Option<String>,
+    /// Namespace the gateway runs in: the only source of traffic a store accepts.
+    pub gateway_namespace: String,
+    /// Labels selecting the gateway's pods in `gateway_namespace`.
+    pub gateway_pod_labels: BTreeMap<String, String>,
+    /// Where stores may connect besides DNS: object storage and KMS endpoints.
+    pub store_egress: Vec<EgressRule>,
+    /// Days a deleted CareSystem's KMS key stays pending deletion (7 to 30) under
+    /// `deletionPolicy: Delete`; during that window the deletion can be cancelled.
+    pub key_deletion_window_days: i32,
+    /// Reconcile only CareSystems whose labels match this selector (e.g. `shard=a`); absent:
+    /// all of them.
+    pub care_system_selector: Option<String>,
+    /// Leader election among operator replicas.
+    pub leader_election: LeaderElectionConfig,
+    /// How often a care system is re-checked (cloud resources and drift) when nothing changes.
+    #[serde(with = "seconds")]
+    pub resync_interval: Duration,
+}
+
+/// One destination stores may open connections to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRule {
+    /// IP range in CIDR notation, e.g. `10.0.0.0/16`.
+    pub cidr: String,
+    /// TCP port.
+    pub port: i32,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            store_image: concat!("ghcr.io/shcr-dev/shcr:", env!("CARGO_PKG_VERSION")).to_owned(),
+            store_service_account_annotations: BTreeMap::new(),
+            s3_endpoint: None,
+            kms_endpoint: None,
+            region: None,
+            gateway_namespace: "shcr-system".to_owned(),
+            gateway_pod_labels: BTreeMap::from([(
+                "app.kubernetes.io/name".to_owned(),
+                "shcr-gateway".to_owned(),
+            )]),
+            store_egress: vec![EgressRule {
+                cidr: "0.0.0.0/0".to_owned(),
+                port: 443,
+            }],
+            key_deletion_window_days: 30,
+            care_system_selector: None,
+            leader_election: LeaderElectionConfig::default(),
+            resync_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Command-line flags (and environment variables) overriding [`OperatorConfig`]; pass to
+/// `Overrides::section("operator", ..)`.
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+pub struct OperatorArgs {
+    /// Serve /metrics, /healthz and /readyz on this address [default: 0.0.0.0:9090]
+    #[arg(long, env = "SHCR_OPERATOR_LISTEN", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+
+    /// Record store image for CareSystems that do not name one
+    #[arg(long, env = "SHCR_OPERATOR_STORE_IMAGE", value_name = "IMAGE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_image: Option<String>,
+
+    /// S3 endpoint for non-AWS object storage, e.g. http://minio:9000
+    #[arg(long, env = "SHCR_OPERATOR_S3_ENDPOINT", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+
+    /// KMS endpoint for a non-AWS KMS
+    #[arg(long, env = "SHCR_OPERATOR_KMS_ENDPOINT", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kms_endpoint: Option<String>,
+
+    /// Namespace the gateway runs in [default: shcr-system]
+    #[arg(
+        long,
+        env = "SHCR_OPERATOR_GATEWAY_NAMESPACE",
+        value_name = "NAMESPACE"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_namespace: Option<String>,
+}
+
+mod seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(value.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        u64::deserialize(deserializer).map(Duration::from_secs)
+    }
+}
