@@ -21,6 +21,7 @@ use axum::Json;
 use axum::Router;
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
+use shcr_fhir::identifiers::OdsCode;
 use shcr_operator::CareSystem;
 use shcr_runtime::metrics::{MetricsRegistry, Readiness, ReadyFlag};
 use shcr_store::CareSystemName;
@@ -140,12 +141,7 @@ pub fn parse_care_systems(yaml: &str, origin: &str) -> Result<Vec<CareSystem>, D
         let name = care_system.metadata.name.clone().unwrap_or_default();
         CareSystemName::parse(&name)
             .map_err(|e| reject(format!("metadata.name {name:?} is not usable: {e}")))?;
-        let ods_ok = |code: &str| {
-            (3..=10).contains(&code.len())
-                && code
-                    .chars()
-                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
-        };
+        let ods_ok = |code: &str| OdsCode::parse(code).is_ok();
         if !ods_ok(&care_system.spec.ods_code) {
             return Err(reject(format!(
                 "spec.odsCode {:?} is not an ODS code (3 to 10 upper-case letters and digits)",
