@@ -58,30 +58,39 @@ to the record store of the care system it belongs to.\n\
 \n\
 Example:\n  shcr gateway --config gateway.yaml --log-format json"
     )]
-    Gateway,
+    Gateway(shcr_gateway::config::GatewayArgs),
 
     #[command(
         about = "Run one care system's FHIR record store",
         long_about = "Run one care system's FHIR R4 record store.\n\
 \n\
 It serves the FHIR REST API for a single care system and keeps every record encrypted in \
-that care system's bucket.\n\
+that care system's bucket with its KMS key. It trusts only requests carrying the gateway's \
+signed identity assertion (SHCR_STORE_ASSERTION_PUBLIC_KEY or _FILE holds the gateway's \
+public key). Before serving it checks the bucket and the KMS key; /metrics, /healthz and \
+/readyz are served on --metrics-listen. SIGTERM drains requests, then flushes and closes the \
+database. The operator sets every SHCR_STORE_* variable; AWS credentials come from the \
+standard AWS chain (environment, web identity, instance profile).\n\
 \n\
-Example:\n  shcr store --config store.yaml"
+Example:\n  shcr store --config store.yaml\n  SHCR_STORE_CARE_SYSTEM=north-east SHCR_STORE_ODS_CODE=QHM \
+SHCR_STORE_BUCKET=shcr-north-east SHCR_STORE_REGION=eu-west-2 SHCR_STORE_KMS_KEY_ARN=arn:aws:kms:... \
+SHCR_STORE_ASSERTION_PUBLIC_KEY_FILE=/etc/shcr/gateway.pem shcr store"
     )]
-    Store,
+    Store(shcr_store::serve::StoreArgs),
 
     #[command(
         about = "Run the platform on this machine (local storage and keys), no cloud needed",
         long_about = "Run everything on this machine.\n\
 \n\
-Opens one encrypted record store per care system in one process, storing data in a local \
-directory with a local key provider per care system: no cloud account and no cluster needed. \
-Care systems come from CareSystem manifests (--care-systems), or two built-in demo care \
-systems. Serves status, /healthz, /readyz and /metrics; Ctrl-C or SIGTERM flushes and closes \
-every store. The FHIR API and the authenticating gateway arrive with issues 4 and 5.\n\
+Runs the gateway and one encrypted FHIR record store per care system in one process, storing \
+data in a local directory with a local key provider per care system: no cloud account and no \
+cluster needed. Care systems come from CareSystem manifests (--care-systems), or two built-in \
+demo care systems. The gateway trusts the dev token issuer (see `shcr token`); when ready it \
+prints each care system's FHIR base URL and a ready-to-paste curl command with a token. \
+--seed-demo loads a few synthetic patients per care system. Ctrl-C or SIGTERM drains requests, \
+then flushes and closes every store; restarting on the same --data-dir finds every record.\n\
 \n\
-Examples:\n  shcr dev\n  shcr dev --data-dir /tmp/shcr --listen 127.0.0.1:9090 --care-systems my-ics.yaml"
+Examples:\n  shcr dev --seed-demo\n  shcr dev --data-dir /tmp/shcr --listen 127.0.0.1:9090 --care-systems my-ics.yaml"
     )]
     Dev(shcr_gateway::dev::DevArgs),
 
@@ -89,32 +98,49 @@ Examples:\n  shcr dev\n  shcr dev --data-dir /tmp/shcr --listen 127.0.0.1:9090 -
         about = "Mint a token for trying out a dev deployment",
         long_about = "Mint a token for a `shcr dev` deployment.\n\
 \n\
-Prints a signed token that the dev gateway accepts, so you can call the FHIR API with curl \
-or an app without an identity provider. Dev only: production gateways do not trust it.\n\
+Prints (as the last line of stdout) a JWT signed by the dev issuer whose Ed25519 key lives in \
+the `shcr dev` data dir (created on first use, mode 0600), so you can call the FHIR API with \
+curl or an app without an identity provider. The token is shaped like an NHS CIS2 token \
+(nhsid_nrbac_roles with selected_roleid), carries SMART scopes, and is bound to one care \
+system (aud urn:shcr:care-system:NAME): the dev gateway refuses it at any other. Dev only: \
+production gateways do not trust the dev issuer unless configured to like any other issuer.\n\
 \n\
-Example:\n  shcr token"
+Examples:\n  shcr token --care-system north-east --org RR8 --role R8000\n  \
+TOKEN=$(shcr token --care-system north-east --org RR8 --role R8000 --scope 'user/*.rs' --ttl 15m)\n  \
+shcr token --care-system north-east --org RR8 --role R8000 --scope 'patient/*.rs' --patient p-1"
     )]
-    Token,
+    Token(shcr_gateway::auth::TokenArgs),
 
     #[command(
         about = "Bulk-import FHIR NDJSON files or Bundles into a care system",
         long_about = "Bulk-import FHIR data into a care system's record store.\n\
 \n\
-Reads FHIR R4 resources from NDJSON files (one resource per line) or from Bundles.\n\
+Reads FHIR R4 resources from NDJSON files (one resource per line) or JSON files holding a \
+Bundle (batch, transaction, collection; urn:uuid references between entries are resolved) \
+and writes them into a care system of a `shcr dev` data dir, with the same validation and \
+indexing as the FHIR API. Resources keep their ids (those without one get a stable id), so \
+running an import again duplicates nothing; progress is checkpointed, so an interrupted \
+import resumes where it stopped. Prints a summary: created, updated, unchanged, and each \
+failure with its file, line and the element at fault. Exits 1 when any resource failed. \
+Stop `shcr dev` on the same data dir first.\n\
 \n\
-Example:\n  shcr import --config store.yaml patients.ndjson"
+Examples:\n  shcr import --care-system north-east patients.ndjson observations.ndjson\n  \
+shcr import --care-system north-east --data-dir /tmp/shcr synthea/*.json"
     )]
-    Import,
+    Import(shcr_store::import::ImportArgs),
 
     #[command(
         about = "Export a care system's records as FHIR NDJSON",
         long_about = "Export a care system's records as FHIR NDJSON.\n\
 \n\
-Writes the records of one care system's store, one resource per line.\n\
+Writes the current version of every record of one care system in a `shcr dev` data dir, \
+one resource per line, ordered by type then id; the output can be imported again with \
+`shcr import`. Stop `shcr dev` on the same data dir first.\n\
 \n\
-Example:\n  shcr export --config store.yaml > records.ndjson"
+Examples:\n  shcr export --care-system north-east > records.ndjson\n  \
+shcr export --care-system north-east --type Patient,Observation -o subset.ndjson"
     )]
-    Export,
+    Export(shcr_store::import::ExportArgs),
 
     #[command(
         about = "Print the CareSystem CustomResourceDefinition as YAML",
@@ -134,4 +160,6 @@ pub struct ShcrConfig {
     pub telemetry: TelemetryConfig,
     pub operator: OperatorConfig,
     pub dev: shcr_gateway::dev::DevConfig,
+    pub store: shcr_store::serve::StoreConfig,
+    pub gateway: shcr_gateway::config::GatewayConfig,
 }

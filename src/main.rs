@@ -28,6 +28,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Operator(args) => overrides = overrides.section("operator", args)?,
         Command::Dev(args) => overrides = overrides.section("dev", args)?,
+        Command::Store(args) => overrides = overrides.section("store", args)?,
+        Command::Gateway(args) => overrides = overrides.section("gateway", args)?,
         _ => {}
     }
     let config: ShcrConfig =
@@ -66,21 +68,65 @@ async fn dispatch(command: Command, config: ShcrConfig) -> anyhow::Result<ExitCo
             .context("shcr dev stopped")?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Gateway(_) => {
+            shcr_gateway::server::run(config.gateway, async {
+                shutdown::signal().await;
+            })
+            .await
+            .context("the gateway stopped")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Crd => {
             print!("{}", shcr_operator::crd::crd_yaml()?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Gateway => Ok(not_built_yet("gateway", 5)),
-        Command::Token => Ok(not_built_yet("token", 5)),
-        Command::Store => Ok(not_built_yet("store", 4)),
-        Command::Import => Ok(not_built_yet("import", 4)),
-        Command::Export => Ok(not_built_yet("export", 4)),
+        Command::Token(args) => {
+            let data_dir = args.data_dir.clone().unwrap_or(config.dev.data_dir);
+            let issuer = shcr_gateway::auth::DevIssuer::load_or_create(&data_dir)
+                .context("cannot load the dev token issuer")?;
+            let token = issuer
+                .issue(&args.request())
+                .context("cannot mint the token")?;
+            eprintln!(
+                "dev token for care system {}, organisation {}, role {}, scopes {:?}, valid {}s",
+                args.care_system,
+                args.org,
+                args.role,
+                args.scope,
+                args.ttl.as_secs()
+            );
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Store(_) => {
+            shcr_store::serve::run(
+                config.store,
+                async {
+                    shutdown::signal().await;
+                },
+                |_, _| {},
+            )
+            .await
+            .context("the record store stopped")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Import(args) => {
+            let summary = shcr_store::import::run_import(args)
+                .await
+                .context("the import stopped")?;
+            print!("{summary}");
+            Ok(if summary.failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Export(args) => {
+            let summary = shcr_store::import::run_export(args)
+                .await
+                .context("the export stopped")?;
+            eprintln!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
-}
-
-/// Scaffolding until the component crates provide their `run` functions: names the issue that
-/// tracks each subcommand and exits with status 2.
-fn not_built_yet(name: &str, issue: u32) -> ExitCode {
-    eprintln!("`shcr {name}` is not built yet in this version (see issue {issue})");
-    ExitCode::from(2)
 }

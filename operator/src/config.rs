@@ -2,10 +2,13 @@
 //! (section `operator`) < environment < flags.
 //!
 //! Invariants: defaults are the safe ones (no cloud identity annotation, egress only to DNS and
-//! HTTPS, metrics on their own port); unknown keys are rejected.
+//! HTTPS, metrics on their own port); unknown keys are rejected. The gateway's identity-assertion
+//! public key has no default: without it every store would refuse every request, so the operator
+//! refuses to start ([`AssertionPublicKey::load`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -30,6 +33,9 @@ pub struct OperatorConfig {
     pub kms_endpoint: Option<String>,
     /// Region for the KMS client and for buckets' default (each CareSystem names its bucket's).
     pub region: Option<String>,
+    /// File holding the gateway's identity-assertion public key (SPKI `PUBLIC KEY` PEM, Ed25519).
+    /// Every store gets it (`SHCR_STORE_ASSERTION_PUBLIC_KEY`) to verify who is asking. Required.
+    pub assertion_public_key_file: Option<PathBuf>,
     /// Namespace the gateway runs in: the only source of traffic a store accepts.
     pub gateway_namespace: String,
     /// Labels selecting the gateway's pods in `gateway_namespace`.
@@ -47,6 +53,9 @@ pub struct OperatorConfig {
     /// How often a care system is re-checked (cloud resources and drift) when nothing changes.
     #[serde(with = "seconds")]
     pub resync_interval: Duration,
+    /// At most this many care systems are reconciled at once (each reconcile waits on cloud
+    /// APIs, so some parallelism speeds up a burst of new care systems); 0: unbounded.
+    pub reconcile_concurrency: u16,
 }
 
 /// One destination stores may open connections to.
@@ -68,6 +77,7 @@ impl Default for OperatorConfig {
             s3_endpoint: None,
             kms_endpoint: None,
             region: None,
+            assertion_public_key_file: None,
             gateway_namespace: "shcr-system".to_owned(),
             gateway_pod_labels: BTreeMap::from([(
                 "app.kubernetes.io/name".to_owned(),
@@ -81,6 +91,7 @@ impl Default for OperatorConfig {
             care_system_selector: None,
             leader_election: LeaderElectionConfig::default(),
             resync_interval: Duration::from_secs(300),
+            reconcile_concurrency: 16,
         }
     }
 }
@@ -109,6 +120,15 @@ pub struct OperatorArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kms_endpoint: Option<String>,
 
+    /// The gateway's identity-assertion public key (SPKI PEM), handed to every store
+    #[arg(
+        long,
+        env = "SHCR_OPERATOR_ASSERTION_PUBLIC_KEY_FILE",
+        value_name = "FILE"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assertion_public_key_file: Option<PathBuf>,
+
     /// Namespace the gateway runs in [default: shcr-system]
     #[arg(
         long,
@@ -117,6 +137,69 @@ pub struct OperatorArgs {
     )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway_namespace: Option<String>,
+}
+
+/// The gateway's identity-assertion public key, checked to be an Ed25519 SPKI PEM. Stores get
+/// its PEM text and verify with it the identity the gateway asserts on every request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssertionPublicKey {
+    pem: String,
+}
+
+/// Why the identity-assertion public key is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum AssertionKeyError {
+    #[error(
+        "no identity-assertion public key is configured: set --assertion-public-key-file \
+         (SHCR_OPERATOR_ASSERTION_PUBLIC_KEY_FILE, or operator.assertion_public_key_file) to the \
+         gateway's public key PEM; without it every store would refuse every request"
+    )]
+    Missing,
+    #[error("cannot read the identity-assertion public key file {path}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the identity-assertion public key in {path} is not usable: {source}")]
+    Invalid {
+        path: PathBuf,
+        source: shcr_identity::assertion::KeyError,
+    },
+}
+
+impl AssertionPublicKey {
+    /// Checks `pem` is an Ed25519 SPKI `PUBLIC KEY` PEM.
+    pub fn from_pem(pem: &str) -> Result<Self, shcr_identity::assertion::KeyError> {
+        shcr_identity::AssertionVerifier::from_public_key_pem(pem)?;
+        Ok(Self {
+            pem: format!("{}\n", pem.trim()),
+        })
+    }
+
+    /// Reads and checks the key file `config` names.
+    pub fn load(config: &OperatorConfig) -> Result<Self, AssertionKeyError> {
+        let path = config
+            .assertion_public_key_file
+            .as_deref()
+            .ok_or(AssertionKeyError::Missing)?;
+        Self::read(path)
+    }
+
+    fn read(path: &Path) -> Result<Self, AssertionKeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AssertionKeyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_pem(&text).map_err(|source| AssertionKeyError::Invalid {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// The PEM text (trimmed, one trailing newline).
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
 }
 
 mod seconds {
@@ -130,5 +213,45 @@ mod seconds {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         u64::deserialize(deserializer).map(Duration::from_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_with(path: Option<PathBuf>) -> OperatorConfig {
+        OperatorConfig {
+            assertion_public_key_file: path,
+            ..OperatorConfig::default()
+        }
+    }
+
+    #[test]
+    fn assertion_key_is_required_and_checked() {
+        assert!(matches!(
+            AssertionPublicKey::load(&config_with(None)),
+            Err(AssertionKeyError::Missing)
+        ));
+        let dir = std::env::temp_dir().join(format!("shcr-operator-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let signer = shcr_identity::AssertionSigner::generate().expect("key");
+
+        let public = dir.join("public.pem");
+        std::fs::write(&public, signer.public_key_pem()).expect("write");
+        let key = AssertionPublicKey::load(&config_with(Some(public))).expect("valid key");
+        assert_eq!(key.pem().trim(), signer.public_key_pem().trim());
+
+        let private = dir.join("private.pem");
+        std::fs::write(&private, signer.to_pkcs8_pem()).expect("write");
+        assert!(matches!(
+            AssertionPublicKey::load(&config_with(Some(private))),
+            Err(AssertionKeyError::Invalid { .. })
+        ));
+        assert!(matches!(
+            AssertionPublicKey::load(&config_with(Some(dir.join("absent.pem")))),
+            Err(AssertionKeyError::Read { .. })
+        ));
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

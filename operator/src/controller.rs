@@ -13,7 +13,8 @@
 //! - Every write uses server-side apply with the field manager [`FIELD_MANAGER`]; objects the
 //!   operator manages are owned by their CareSystem, and a change to one of them (or its
 //!   deletion) triggers a reconcile, which re-applies it (drift repair).
-//! - Status is written only when it changed, so an idle operator makes no status writes.
+//! - An apply that would change nothing is skipped ([`crate::owned`]), and status is written
+//!   only when it changed, so an idle operator (resyncs included) makes no API writes.
 //! - A transient failure (cloud throttling, 5xx, network, apiserver) returns an error and is
 //!   retried with jittered backoff; a permanent one (permission denied, a bucket owned by someone
 //!   else) is reported as a False condition and retried only at the resync interval.
@@ -35,10 +36,10 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self as kube_controller, Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{self, Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
@@ -47,10 +48,11 @@ use serde_json::Value;
 use crate::bucket::{BucketDeletion, BucketProvisioner, BucketSettings};
 use crate::care_system::{CareSystem, CareSystemStatus, DeletionPolicy, condition};
 use crate::cloud::CloudError;
-use crate::config::OperatorConfig;
+use crate::config::{AssertionPublicKey, OperatorConfig};
 use crate::key::{KeyDeletion, KeyProvisioner};
 use crate::metrics::OperatorMetrics;
-use crate::workload::{MANAGED_BY, MANAGED_BY_LABEL, Provisioned, STORE_NAME, Workload};
+use crate::owned::{OwnedObjects, apply_params};
+use crate::workload::{Provisioned, STORE_NAME, Workload};
 
 /// The server-side apply field manager of every write.
 pub const FIELD_MANAGER: &str = "shcr-operator";
@@ -60,7 +62,7 @@ pub const FINALIZER: &str = "shcr.dev/cloud-resources";
 /// Why a reconcile failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API request failed: {0}")]
+    #[error("Kubernetes API request failed: {}", kube_message(.0))]
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Cloud(#[from] CloudError),
@@ -74,6 +76,15 @@ pub enum Error {
     Serialize(#[from] serde_json::Error),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<finalizer::Error<Error>>),
+}
+
+/// A kube error in one line: for an API refusal, the apiserver's own message (which already
+/// names the verb, resource and reason) rather than the whole `Status` object.
+fn kube_message(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
+        other => other.to_string(),
+    }
 }
 
 impl Error {
@@ -100,6 +111,7 @@ impl Error {
 pub struct Context {
     client: Client,
     config: OperatorConfig,
+    assertion_public_key: AssertionPublicKey,
     keys: KeyProvisioner,
     buckets: BucketProvisioner,
     recorder: Recorder,
@@ -107,9 +119,12 @@ pub struct Context {
 }
 
 impl Context {
+    /// `assertion_public_key` is the gateway's key every store is configured with (see
+    /// [`AssertionPublicKey::load`]).
     pub fn new(
         client: Client,
         config: OperatorConfig,
+        assertion_public_key: AssertionPublicKey,
         s3: aws_sdk_s3::Client,
         kms: aws_sdk_kms::Client,
         metrics: OperatorMetrics,
@@ -122,6 +137,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             config,
+            assertion_public_key,
             keys: KeyProvisioner::new(kms),
             buckets: BucketProvisioner::new(s3),
             metrics,
@@ -139,97 +155,54 @@ impl Context {
     }
 }
 
-/// Runs the controller until `shutdown` completes (then finishes in-flight reconciles).
+/// Runs the controller until `shutdown` completes (then finishes in-flight reconciles). Watches
+/// the CareSystems matching `care_system_selector` and every object the operator manages.
 pub async fn run(
     context: Arc<Context>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = context.client.clone();
-    let owned = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-    Controller::new(
-        Api::<CareSystem>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .watches(
-        Api::<Namespace>::all(client.clone()),
-        owned.clone(),
-        owner_of,
-    )
-    .watches(
-        Api::<Deployment>::all(client.clone()),
-        owned.clone(),
-        owner_of,
-    )
-    .watches(
-        Api::<NetworkPolicy>::all(client.clone()),
-        owned.clone(),
-        owner_of,
-    )
-    .watches(Api::<Service>::all(client.clone()), owned.clone(), owner_of)
-    .watches(
-        Api::<ConfigMap>::all(client.clone()),
-        owned.clone(),
-        owner_of,
-    )
-    .watches(
-        Api::<ServiceAccount>::all(client.clone()),
-        owned.clone(),
-        owner_of,
-    )
-    .watches(Api::<Role>::all(client.clone()), owned.clone(), owner_of)
-    .watches(
-        Api::<RoleBinding>::all(client.clone()),
-        owned.clone(),
-        owner_of,
-    )
-    .watches(
-        Api::<ResourceQuota>::all(client.clone()),
-        owned.clone(),
-        owner_of,
-    )
-    .watches(
-        Api::<LimitRange>::all(client.clone()),
-        owned.clone(),
-        owner_of,
-    )
-    .watches(Api::<PodDisruptionBudget>::all(client), owned, owner_of)
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, context)
-    .for_each(|result| async move {
-        match result {
-            Ok((object, _)) => tracing::debug!(care_system = %object.name, "reconciled"),
-            Err(error) => tracing::warn!(error = %error, "reconcile failed"),
-        }
-    })
-    .await;
+    let mut care_systems = watcher::Config::default();
+    if let Some(selector) = &context.config.care_system_selector {
+        care_systems = care_systems.labels(selector);
+    }
+    let controller = Controller::new(Api::<CareSystem>::all(client.clone()), care_systems)
+        .with_config(
+            kube_controller::Config::default().concurrency(context.config.reconcile_concurrency),
+        );
+    let (controller, owned) = OwnedObjects::watch(controller, &client);
+    let reconciler = Arc::new(Reconciler { context, owned });
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, reconciler)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(care_system = %object.name, "reconciled"),
+                Err(error) => tracing::warn!(error = %error, "reconcile failed"),
+            }
+        })
+        .await;
 }
 
-/// The CareSystem that owns `object`. Owned objects live in the care system's namespace while
-/// the CareSystem is cluster-scoped, so the reference must carry no namespace (the generic
-/// `Controller::owns` would copy the child's).
-fn owner_of<K: Resource>(object: K) -> Option<ObjectRef<CareSystem>> {
-    object
-        .meta()
-        .owner_references
-        .as_ref()?
-        .iter()
-        .find(|owner| {
-            owner.kind == CareSystem::kind(&()) && owner.api_version == CareSystem::api_version(&())
-        })
-        .map(|owner| ObjectRef::new(&owner.name))
+/// What one run of the controller shares: the context, and the watch caches of owned objects.
+struct Reconciler {
+    context: Arc<Context>,
+    owned: OwnedObjects,
 }
 
 /// Reconciles one CareSystem.
-pub async fn reconcile(
+async fn reconcile(
     care_system: Arc<CareSystem>,
-    context: Arc<Context>,
+    reconciler: Arc<Reconciler>,
 ) -> Result<Action, Error> {
     let started = Instant::now();
+    let context = &reconciler.context;
+    let owned = &reconciler.owned;
     let api = Api::<CareSystem>::all(context.client.clone());
     let result = finalizer(&api, FINALIZER, care_system, |event| async {
         match event {
-            Finalizer::Apply(care_system) => apply(&care_system, &context).await,
-            Finalizer::Cleanup(care_system) => cleanup(&care_system, &context).await,
+            Finalizer::Apply(care_system) => apply(&care_system, context, owned).await,
+            Finalizer::Cleanup(care_system) => cleanup(&care_system, context, owned).await,
         }
     })
     .await
@@ -242,7 +215,11 @@ pub async fn reconcile(
 
 /// Backoff for transient failures: 5 to 10 seconds, jittered so many care systems failing
 /// together (a cloud outage) do not retry in lockstep.
-fn error_policy(care_system: Arc<CareSystem>, error: &Error, _context: Arc<Context>) -> Action {
+fn error_policy(
+    care_system: Arc<CareSystem>,
+    error: &Error,
+    _reconciler: Arc<Reconciler>,
+) -> Action {
     tracing::warn!(care_system = %care_system.name_any(), %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_millis(5_000 + jitter_millis(5_000)))
 }
@@ -303,7 +280,11 @@ impl StatusUpdate {
     }
 }
 
-async fn apply(care_system: &CareSystem, context: &Context) -> Result<Action, Error> {
+async fn apply(
+    care_system: &CareSystem,
+    context: &Context,
+    owned: &OwnedObjects,
+) -> Result<Action, Error> {
     let name = care_system.name_any();
     let mut update = StatusUpdate::new(care_system);
 
@@ -320,7 +301,7 @@ async fn apply(care_system: &CareSystem, context: &Context) -> Result<Action, Er
         return Ok(Action::await_change());
     }
 
-    let outcome = provision(care_system, context, &mut update).await;
+    let outcome = provision(care_system, context, owned, &mut update).await;
     let ready = [
         condition::NAMESPACE_READY,
         condition::KEY_READY,
@@ -376,6 +357,7 @@ async fn apply(care_system: &CareSystem, context: &Context) -> Result<Action, Er
 async fn provision(
     care_system: &CareSystem,
     context: &Context,
+    owned: &OwnedObjects,
     update: &mut StatusUpdate,
 ) -> Result<(), Error> {
     let name = care_system.name_any();
@@ -383,7 +365,7 @@ async fn provision(
     let namespace = workload.namespace_name().to_owned();
 
     // Namespace.
-    let step = ensure_namespace(care_system, &workload, context).await;
+    let step = ensure_namespace(care_system, &workload, context, owned).await;
     record(
         update,
         condition::NAMESPACE_READY,
@@ -433,8 +415,9 @@ async fn provision(
     let provisioned = Provisioned {
         bucket: &bucket,
         kms_key_arn: &key.arn,
+        assertion_public_key: context.assertion_public_key.pem(),
     };
-    let step = apply_workload(&workload, &provisioned, context).await;
+    let step = apply_workload(&workload, &provisioned, context, owned).await;
     if let Err(error) = &step {
         update.set(
             condition::STORE_READY,
@@ -493,7 +476,12 @@ async fn ensure_namespace(
     care_system: &CareSystem,
     workload: &Workload<'_>,
     context: &Context,
+    owned: &OwnedObjects,
 ) -> Result<(), Error> {
+    let document = workload.namespace();
+    if owned.unchanged::<Namespace, _>(&owned.namespaces, &document) {
+        return Ok(());
+    }
     let api = Api::<Namespace>::all(context.client.clone());
     let name = workload.namespace_name();
     if let Some(existing) = api.get_opt(name).await? {
@@ -508,55 +496,95 @@ async fn ensure_namespace(
             });
         }
     }
-    api.patch(name, &apply_params(), &Patch::Apply(workload.namespace()))
+    let applied = api
+        .patch(name, &apply_params(), &Patch::Apply(&document))
         .await?;
+    owned.remember(&document, &applied);
     Ok(())
 }
 
-fn apply_params() -> PatchParams {
-    PatchParams::apply(FIELD_MANAGER)
-        .force()
-        .validation_strict()
-}
-
-async fn apply_namespaced<K>(client: &Client, namespace: &str, document: Value) -> Result<K, Error>
+/// Applies one namespaced object unless that would change nothing ([`OwnedObjects::apply`]).
+async fn apply_namespaced<K, S>(
+    client: &Client,
+    owned: &OwnedObjects,
+    cached: &Store<S>,
+    namespace: &str,
+    document: &Value,
+) -> Result<Option<K>, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + DeserializeOwned
         + std::fmt::Debug,
+    S: Resource<DynamicType = ()> + Clone + 'static,
 {
-    let name = document["metadata"]["name"]
-        .as_str()
-        .unwrap_or(STORE_NAME)
-        .to_owned();
     let api = Api::<K>::namespaced(client.clone(), namespace);
-    Ok(api
-        .patch(&name, &apply_params(), &Patch::Apply(document))
-        .await?)
+    Ok(owned.apply(&api, cached, document).await?)
 }
 
 async fn apply_workload(
     workload: &Workload<'_>,
     provisioned: &Provisioned<'_>,
     context: &Context,
+    owned: &OwnedObjects,
 ) -> Result<Deployment, Error> {
     let client = &context.client;
     let ns = workload.namespace_name();
-    apply_namespaced::<ServiceAccount>(client, ns, workload.service_account()).await?;
-    apply_namespaced::<Role>(client, ns, workload.role()).await?;
-    apply_namespaced::<RoleBinding>(client, ns, workload.role_binding()).await?;
-    apply_namespaced::<NetworkPolicy>(client, ns, workload.default_deny_policy()).await?;
-    apply_namespaced::<NetworkPolicy>(client, ns, workload.gateway_ingress_policy()).await?;
-    apply_namespaced::<NetworkPolicy>(client, ns, workload.store_egress_policy()).await?;
-    apply_namespaced::<ResourceQuota>(client, ns, workload.resource_quota()).await?;
-    apply_namespaced::<LimitRange>(client, ns, workload.limit_range()).await?;
+    let o = owned;
+    apply_namespaced::<ServiceAccount, _>(
+        client,
+        o,
+        &o.service_accounts,
+        ns,
+        &workload.service_account(),
+    )
+    .await?;
+    apply_namespaced::<Role, _>(client, o, &o.roles, ns, &workload.role()).await?;
+    apply_namespaced::<RoleBinding, _>(client, o, &o.role_bindings, ns, &workload.role_binding())
+        .await?;
+    for policy in [
+        workload.default_deny_policy(),
+        workload.gateway_ingress_policy(),
+        workload.store_egress_policy(),
+    ] {
+        apply_namespaced::<NetworkPolicy, _>(client, o, &o.network_policies, ns, &policy).await?;
+    }
+    apply_namespaced::<ResourceQuota, _>(
+        client,
+        o,
+        &o.resource_quotas,
+        ns,
+        &workload.resource_quota(),
+    )
+    .await?;
+    apply_namespaced::<LimitRange, _>(client, o, &o.limit_ranges, ns, &workload.limit_range())
+        .await?;
     let config_map = workload.config_map(provisioned);
-    apply_namespaced::<ConfigMap>(client, ns, config_map.clone()).await?;
-    let deployment =
-        apply_namespaced::<Deployment>(client, ns, workload.deployment(&config_map)).await?;
-    apply_namespaced::<Service>(client, ns, workload.service()).await?;
-    apply_namespaced::<PodDisruptionBudget>(client, ns, workload.pod_disruption_budget()).await?;
+    apply_namespaced::<ConfigMap, _>(client, o, &o.config_maps, ns, &config_map).await?;
+    let document = workload.deployment(&config_map);
+    let applied =
+        apply_namespaced::<Deployment, _>(client, o, &o.deployments, ns, &document).await?;
+    let deployment = match applied.or_else(|| o.cached_deployment(ns)) {
+        Some(deployment) => deployment,
+        // Skipped, yet gone from the cache since: apply after all.
+        None => {
+            let api = Api::<Deployment>::namespaced(client.clone(), ns);
+            let deployment = api
+                .patch(STORE_NAME, &apply_params(), &Patch::Apply(&document))
+                .await?;
+            o.remember(&document, &deployment);
+            deployment
+        }
+    };
+    apply_namespaced::<Service, _>(client, o, &o.services, ns, &workload.service()).await?;
+    apply_namespaced::<PodDisruptionBudget, _>(
+        client,
+        o,
+        &o.disruption_budgets,
+        ns,
+        &workload.pod_disruption_budget(),
+    )
+    .await?;
     Ok(deployment)
 }
 
@@ -627,7 +655,11 @@ async fn write_status(
     Ok(())
 }
 
-async fn cleanup(care_system: &CareSystem, context: &Context) -> Result<Action, Error> {
+async fn cleanup(
+    care_system: &CareSystem,
+    context: &Context,
+    owned: &OwnedObjects,
+) -> Result<Action, Error> {
     let name = care_system.name_any();
     let reference = care_system.object_ref(&());
     let bucket = bucket_name(care_system).ok_or(Error::Unnamed)?;
@@ -638,6 +670,7 @@ async fn cleanup(care_system: &CareSystem, context: &Context) -> Result<Action, 
         .or_else(|| care_system.spec.encryption.kms_key_arn.clone())
         .unwrap_or_else(|| "(none created)".to_owned());
     context.metrics.set_ready(&name, None);
+    owned.forget(&care_system.namespace_name());
 
     let note = match care_system.spec.deletion_policy {
         DeletionPolicy::Retain => format!(

@@ -4,13 +4,16 @@
 //!   and CEL validation rules.
 //! - [`crd`]: the CRD YAML generated from those types (`shcr crd`, `crds/caresystem.yaml`).
 //! - [`controller`]: the reconcile loop (finalizer, server-side apply, status, Events).
+//! - [`owned`]: watch caches of the objects the operator owns, so that applies which would change
+//!   nothing are skipped (an idle operator makes no API writes).
 //! - [`workload`]: the Kubernetes objects of one care system, as pure functions.
 //! - [`key`], [`bucket`], [`cloud`]: the care system's KMS key and bucket, and how cloud errors
 //!   are sorted into transient and permanent.
 //! - [`leader`]: leader election, so that of several replicas one reconciles.
 //! - [`config`], [`metrics`]: the operator's configuration and Prometheus metrics.
 //!
-//! [`run`] is the entry point of `shcr operator`.
+//! [`run`] is the entry point of `shcr operator`; [`run_with`] runs the same with clients built
+//! by the caller (e.g. a test running the operator as a ServiceAccount).
 
 pub mod bucket;
 pub mod care_system;
@@ -21,18 +24,21 @@ pub mod crd;
 pub mod key;
 pub mod leader;
 pub mod metrics;
+pub mod owned;
 pub mod workload;
 
 use std::sync::Arc;
 
 pub use care_system::{CareSystem, CareSystemSpec, CareSystemStatus};
-pub use config::{OperatorArgs, OperatorConfig};
+pub use config::{AssertionKeyError, AssertionPublicKey, OperatorArgs, OperatorConfig};
 use kube::Api;
 use shcr_runtime::metrics::{MetricsRegistry, Readiness, ReadyFlag};
 
 /// Why the operator could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error(transparent)]
+    AssertionKey(#[from] AssertionKeyError),
     #[error("cannot connect to Kubernetes: set KUBECONFIG or run in a pod with a service account")]
     Connect(#[source] kube::Error),
     #[error(
@@ -51,22 +57,65 @@ pub enum RunError {
     Serve(#[source] std::io::Error),
 }
 
-/// Runs the operator until `shutdown` completes: connects to Kubernetes (in-cluster or
-/// `KUBECONFIG`) and AWS (default credential chain, endpoint overrides from `config`), serves
-/// metrics and health checks, and reconciles CareSystems.
+/// The APIs the operator talks to.
+#[derive(Clone)]
+pub struct Clients {
+    /// Kubernetes; its credentials are the operator's identity (e.g. a ServiceAccount token).
+    pub kube: kube::Client,
+    pub s3: aws_sdk_s3::Client,
+    pub kms: aws_sdk_kms::Client,
+}
+
+/// Runs the operator until `shutdown` completes: checks the identity-assertion public key,
+/// connects to Kubernetes (in-cluster or `KUBECONFIG`) and AWS (default credential chain,
+/// endpoint overrides from `config`), serves metrics and health checks, and reconciles
+/// CareSystems.
 pub async fn run(
     config: OperatorConfig,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), RunError> {
-    let client = kube::Client::try_default()
+    let assertion_public_key = AssertionPublicKey::load(&config)?;
+    let kube = kube::Client::try_default()
         .await
         .map_err(RunError::Connect)?;
+    let (s3, kms) = aws_clients(&config).await;
+    serve(
+        Clients { kube, s3, kms },
+        config,
+        assertion_public_key,
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`] with clients the caller built: everything `shcr operator` does (key check, CRD check,
+/// metrics and health server on `config.listen`, leader election if enabled, the controller)
+/// except connecting.
+pub async fn run_with(
+    clients: Clients,
+    config: OperatorConfig,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), RunError> {
+    let assertion_public_key = AssertionPublicKey::load(&config)?;
+    serve(clients, config, assertion_public_key, shutdown).await
+}
+
+async fn serve(
+    clients: Clients,
+    config: OperatorConfig,
+    assertion_public_key: AssertionPublicKey,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), RunError> {
+    let Clients {
+        kube: client,
+        s3,
+        kms,
+    } = clients;
     Api::<CareSystem>::all(client.clone())
         .list(&kube::api::ListParams::default().limit(1))
         .await
         .map_err(RunError::CareSystemsUnavailable)?;
 
-    let (s3, kms) = aws_clients(&config).await;
     let registry = MetricsRegistry::new();
     let metrics = metrics::OperatorMetrics::register(&registry);
     let ready = ReadyFlag::new();
@@ -89,7 +138,14 @@ pub async fn run(
 
     tracing::info!(listen = %config.listen, "operator started");
     let leader_election = config.leader_election.enabled;
-    let context = Arc::new(controller::Context::new(client, config, s3, kms, metrics));
+    let context = Arc::new(controller::Context::new(
+        client,
+        config,
+        assertion_public_key,
+        s3,
+        kms,
+        metrics,
+    ));
     // Standby replicas are ready too: they are healthy and take over when the leader goes.
     ready.set_ready(true);
     let outcome = if leader_election {

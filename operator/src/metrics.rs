@@ -68,6 +68,11 @@ impl OperatorMetrics {
         self.reconciles.get()
     }
 
+    /// Reconciles that failed so far (and were retried with backoff).
+    pub fn failures(&self) -> u64 {
+        self.failures.get()
+    }
+
     pub fn reconciled(&self, took: Duration, failed: bool) {
         self.reconciles.inc();
         if failed {

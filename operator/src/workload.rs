@@ -42,11 +42,14 @@ pub const POLICY_DEFAULT_DENY: &str = "default-deny";
 pub const POLICY_GATEWAY_INGRESS: &str = "allow-gateway-ingress";
 pub const POLICY_STORE_EGRESS: &str = "allow-store-egress";
 
-/// The cloud resources already provisioned for the care system.
+/// What the store's configuration needs beyond the spec: the cloud resources already provisioned
+/// for the care system, and the gateway key it trusts.
 #[derive(Debug, Clone)]
 pub struct Provisioned<'a> {
     pub bucket: &'a str,
     pub kms_key_arn: &'a str,
+    /// The gateway's identity-assertion public key (SPKI PEM).
+    pub assertion_public_key: &'a str,
 }
 
 /// Builds the objects of one care system.
@@ -269,6 +272,10 @@ impl<'a> Workload<'a> {
             ("SHCR_STORE_BUCKET", provisioned.bucket.to_owned()),
             ("SHCR_STORE_REGION", spec.storage.region.clone()),
             ("SHCR_STORE_KMS_KEY_ARN", provisioned.kms_key_arn.to_owned()),
+            (
+                "SHCR_STORE_ASSERTION_PUBLIC_KEY",
+                provisioned.assertion_public_key.to_owned(),
+            ),
             ("SHCR_STORE_LISTEN", format!("0.0.0.0:{STORE_PORT}")),
             (
                 "SHCR_STORE_METRICS_LISTEN",
@@ -401,7 +408,7 @@ impl<'a> Workload<'a> {
 
 /// FNV-1a: a digest that stays the same across builds and Rust versions (unlike std's hasher),
 /// so upgrading the operator does not restart every store.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
     })
@@ -434,6 +441,7 @@ mod tests {
     const PROVISIONED: Provisioned<'static> = Provisioned {
         bucket: "shcr-west-yorkshire-0f0e0d0c",
         kms_key_arn: "arn:aws:kms:eu-west-2:111122223333:key/abc",
+        assertion_public_key: "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n",
     };
 
     #[test]
@@ -462,6 +470,23 @@ mod tests {
         assert_eq!(
             deployment["metadata"]["ownerReferences"][0]["controller"],
             true
+        );
+    }
+
+    #[test]
+    fn store_config_carries_the_gateway_key() {
+        let config = OperatorConfig::default();
+        let cs = care_system(&["RR8"]);
+        let workload = Workload::new(&cs, &config).expect("named");
+        let config_map = workload.config_map(&PROVISIONED);
+        assert_eq!(
+            config_map["data"]["SHCR_STORE_ASSERTION_PUBLIC_KEY"],
+            PROVISIONED.assertion_public_key
+        );
+        assert_eq!(
+            workload.deployment(&config_map)["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+                [0]["configMapRef"]["name"],
+            STORE_NAME
         );
     }
 

@@ -7,110 +7,32 @@
 //! No kubelet or deployment controller runs: tests set a Deployment's status the way the
 //! deployment controller would to simulate an available store.
 
-use std::future::Future;
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use common::{
+    TIMEOUT, assertion_key, care_system, client, condition_is, condition_reason, eventually,
+    mark_store_available, operator_config, sdk, spec, start_operator, start_operator_with,
+    wait_gone,
+};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     ConfigMap, LimitRange, Namespace, ResourceQuota, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use shcr_operator::care_system::condition;
-use shcr_operator::controller::{self, Context};
-use shcr_operator::leader::{self, LeaderElectionConfig};
-use shcr_operator::metrics::OperatorMetrics;
-use shcr_operator::{CareSystem, OperatorConfig};
-use shcr_runtime::metrics::MetricsRegistry;
-use tokio::sync::OnceCell;
-
-const TIMEOUT: Duration = Duration::from_secs(60);
-const TEST_LABEL: &str = "shcr.dev/test";
-
-static CRD: OnceCell<()> = OnceCell::const_new();
-
-async fn client() -> anyhow::Result<Client> {
-    let kube = shcr_testenv::kube().await?;
-    let client = kube.client().await?;
-    CRD.get_or_try_init(|| install_crd(client.clone())).await?;
-    Ok(client)
-}
-
-async fn install_crd(client: Client) -> anyhow::Result<()> {
-    let crds = Api::<CustomResourceDefinition>::all(client);
-    let crd = shcr_operator::crd::care_system_crd()?;
-    let name = crd.metadata.name.clone().context("CRD has a name")?;
-    crds.patch(
-        &name,
-        &PatchParams::apply("shcr-operator-test").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .context("the apiserver accepts the CRD")?;
-    eventually("the CRD is established", || async {
-        let crd = crds.get(&name).await?;
-        Ok(crd
-            .status
-            .and_then(|status| status.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True"))
-    })
-    .await
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let mut last_error = None;
-    loop {
-        match check().await {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(error) => last_error = Some(error),
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out waiting until {what} (last error: {last_error:?})");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn care_system(name: &str, group: &str, spec: serde_json::Value) -> anyhow::Result<CareSystem> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "shcr.dev/v1alpha1",
-        "kind": "CareSystem",
-        "metadata": {"name": name, "labels": {TEST_LABEL: group}},
-        "spec": spec,
-    }))?)
-}
-
-fn spec() -> serde_json::Value {
-    json!({
-        "odsCode": "QWO",
-        "displayName": "West Yorkshire",
-        "members": ["RR8", "A81001"],
-        "storage": {"region": shcr_testenv::aws::REGION},
-    })
-}
-
-/// An AWS SDK result with the service's error message (the SDK's Display says only "service error").
-fn sdk<T, E: std::error::Error + Send + Sync + 'static>(
-    result: Result<T, aws_sdk_s3::error::SdkError<E>>,
-) -> anyhow::Result<T> {
-    result.map_err(|e| anyhow::anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e)))
-}
+use shcr_operator::controller;
+use shcr_operator::leader::LeaderElectionConfig;
+use shcr_operator::{AssertionKeyError, CareSystem, Clients, OperatorConfig, RunError};
 
 fn raw_care_system(name: &str, spec: serde_json::Value) -> anyhow::Result<DynamicObject> {
     Ok(serde_json::from_value(json!({
@@ -235,134 +157,6 @@ async fn immutable_fields_cannot_change() -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The controller.
-
-/// A controller reconciling only the CareSystems labelled with `group`; stops when dropped.
-struct RunningOperator {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    metrics: OperatorMetrics,
-}
-
-impl RunningOperator {
-    /// Asks the operator to stop as SIGTERM would, and waits until it has.
-    async fn shut_down(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(TIMEOUT, task).await??;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for RunningOperator {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-async fn start_operator(client: &Client, group: &str) -> anyhow::Result<RunningOperator> {
-    start_operator_with(client, group, None).await
-}
-
-/// Starts an operator; with `leader`, only while it holds that lease.
-async fn start_operator_with(
-    client: &Client,
-    group: &str,
-    leader: Option<LeaderElectionConfig>,
-) -> anyhow::Result<RunningOperator> {
-    let s3 = shcr_testenv::s3().await?;
-    let kms = shcr_testenv::kms().await?;
-    let config = OperatorConfig {
-        region: Some(shcr_testenv::aws::REGION.to_owned()),
-        s3_endpoint: Some(s3.endpoint().to_owned()),
-        kms_endpoint: Some(kms.endpoint().to_owned()),
-        care_system_selector: Some(format!("{TEST_LABEL}={group}")),
-        key_deletion_window_days: 7,
-        leader_election: leader.clone().unwrap_or_default(),
-        ..OperatorConfig::default()
-    };
-    let metrics = OperatorMetrics::register(&MetricsRegistry::new());
-    let context = Arc::new(Context::new(
-        client.clone(),
-        config,
-        s3.client().await,
-        kms.client().await,
-        metrics.clone(),
-    ));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let stopped = async move {
-        let _ = stopped.await;
-    };
-    let task = match leader {
-        Some(_) => tokio::spawn(async move {
-            if let Err(error) = leader::run_as_leader(context, stopped).await {
-                panic!("the operator failed: {error}");
-            }
-        }),
-        None => tokio::spawn(controller::run(context, stopped)),
-    };
-    Ok(RunningOperator {
-        stop: Some(stop),
-        task: Some(task),
-        metrics,
-    })
-}
-
-async fn condition_is(
-    api: &Api<CareSystem>,
-    name: &str,
-    type_: &str,
-    status: &str,
-) -> anyhow::Result<()> {
-    eventually(&format!("{name} has {type_}={status}"), || async {
-        let care_system = api.get(name).await?;
-        Ok(care_system
-            .status
-            .as_ref()
-            .and_then(|s| s.condition(type_))
-            .is_some_and(|c| c.status == status))
-    })
-    .await
-}
-
-async fn condition_reason(
-    api: &Api<CareSystem>,
-    name: &str,
-    type_: &str,
-) -> anyhow::Result<String> {
-    let care_system = api.get(name).await?;
-    Ok(care_system
-        .status
-        .as_ref()
-        .and_then(|s| s.condition(type_))
-        .map(|c| c.reason.clone())
-        .unwrap_or_default())
-}
-
-/// Sets the Deployment's status as the deployment controller would once its pods are available.
-async fn mark_store_available(client: &Client, namespace: &str) -> anyhow::Result<()> {
-    let deployments = Api::<Deployment>::namespaced(client.clone(), namespace);
-    let deployment = deployments.get("shcr-store").await?;
-    let status = json!({"status": {
-        "observedGeneration": deployment.metadata.generation,
-        "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1,
-        "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable",
-                        "message": "test", "lastUpdateTime": "2026-01-01T00:00:00Z",
-                        "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-    }});
-    deployments
-        .patch_status("shcr-store", &PatchParams::default(), &Patch::Merge(status))
-        .await?;
-    Ok(())
-}
 
 /// Drops the bucket policy (see the lifecycle test for why), then overwrites one object, and
 /// checks that versioning kept both versions. Retried: a reconcile still in flight may put the
@@ -387,23 +181,6 @@ async fn write_twice(s3: &aws_sdk_s3::Client, bucket: &str) -> anyhow::Result<()
         versions.versions().len() >= 2,
         "versioning keeps both versions"
     );
-    Ok(())
-}
-
-async fn wait_gone(api: &Api<CareSystem>, name: &str) -> anyhow::Result<()> {
-    let waited = eventually(&format!("{name} is deleted"), || async {
-        Ok(api.get_opt(name).await?.is_none())
-    })
-    .await;
-    if let Err(error) = waited {
-        // Say why deletion is stuck: the operator reports it in status.
-        let message = api
-            .get_opt(name)
-            .await?
-            .and_then(|c| c.status)
-            .and_then(|s| s.message);
-        bail!("{error}; status message: {message:?}");
-    }
     Ok(())
 }
 
@@ -493,6 +270,12 @@ async fn care_system_is_provisioned_becomes_ready_follows_updates_and_repairs_dr
     );
     assert_eq!(data.get("SHCR_STORE_BUCKET"), Some(&bucket));
     assert_eq!(data.get("SHCR_STORE_KMS_KEY_ARN"), Some(&key_arn));
+    assert_eq!(
+        data.get("SHCR_STORE_ASSERTION_PUBLIC_KEY")
+            .map(|pem| pem.trim()),
+        Some(assertion_key()?.1.trim()),
+        "the store trusts the gateway's key"
+    );
 
     // The bucket, read back through S3.
     let s3 = shcr_testenv::s3().await?.client().await;
@@ -844,4 +627,248 @@ where
         .get(name)
         .await
         .with_context(|| format!("{} {namespace}/{name}", K::kind(&Default::default())))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running as `shcr operator` does: key check, and a ServiceAccount's token with least privilege.
+
+async fn test_clients(kube: Client) -> anyhow::Result<Clients> {
+    Ok(Clients {
+        kube,
+        s3: shcr_testenv::s3().await?.client().await,
+        kms: shcr_testenv::kms().await?.client().await,
+    })
+}
+
+fn write_temp(name: &str, text: &str) -> anyhow::Result<std::path::PathBuf> {
+    let path = std::env::temp_dir().join(shcr_testenv::unique_name(name));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+#[tokio::test]
+async fn operator_refuses_to_start_without_a_usable_assertion_key() -> anyhow::Result<()> {
+    let clients = test_clients(client().await?).await?;
+    let config = operator_config("no-key", None).await?;
+    let outcome = shcr_operator::run_with(clients.clone(), config.clone(), async {}).await;
+    match outcome {
+        Err(RunError::AssertionKey(AssertionKeyError::Missing)) => {}
+        other => bail!("expected a missing-key error, got {other:?}"),
+    }
+    let message = RunError::from(AssertionKeyError::Missing).to_string();
+    assert!(
+        message.contains("--assertion-public-key-file")
+            && message.contains("SHCR_OPERATOR_ASSERTION_PUBLIC_KEY_FILE"),
+        "{message}"
+    );
+
+    // A private key where the public key belongs.
+    let private = shcr_identity::AssertionSigner::generate()?.to_pkcs8_pem();
+    let path = write_temp("private-key", &private)?;
+    let config = OperatorConfig {
+        assertion_public_key_file: Some(path.clone()),
+        ..config
+    };
+    let outcome = shcr_operator::run_with(clients, config, async {}).await;
+    std::fs::remove_file(&path)?;
+    match outcome {
+        Err(RunError::AssertionKey(error @ AssertionKeyError::Invalid { .. })) => {
+            let message = error.to_string();
+            assert!(message.contains(&path.display().to_string()), "{message}");
+            assert!(
+                !message.contains("PRIVATE KEY-----\n"),
+                "no key material: {message}"
+            );
+        }
+        other => bail!("expected an invalid-key error, got {other:?}"),
+    }
+    Ok(())
+}
+
+/// The RBAC the operator needs, cluster-wide: the CareSystems; the namespaces it creates; the
+/// objects inside them (created and repaired by server-side apply, watched for drift; `get` on
+/// ConfigMaps because the store's Role grants it, and RBAC lets one grant only what one holds);
+/// Events. No delete anywhere: owned objects go by garbage collection.
+fn operator_cluster_rules() -> serde_json::Value {
+    let apply = json!(["list", "watch", "create", "patch"]);
+    json!([
+        {"apiGroups": ["shcr.dev"], "resources": ["caresystems"], "verbs": ["get", "list", "watch", "patch"]},
+        {"apiGroups": ["shcr.dev"], "resources": ["caresystems/status"], "verbs": ["patch"]},
+        {"apiGroups": ["shcr.dev"], "resources": ["caresystems/finalizers"], "verbs": ["update"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch", "create", "patch"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "patch"]},
+        {"apiGroups": [""], "resources": ["serviceaccounts", "services", "resourcequotas", "limitranges"], "verbs": apply},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": apply},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": apply},
+        {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": apply},
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": apply},
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    ])
+}
+
+/// In the operator's own namespace: the leader-election Lease.
+fn operator_namespace_rules() -> serde_json::Value {
+    json!([
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]},
+    ])
+}
+
+/// A client authenticated as ServiceAccount `namespace/name` by a bound token, like the
+/// operator's pod.
+async fn service_account_client(namespace: &str, name: &str) -> anyhow::Result<Client> {
+    let kube = shcr_testenv::kube().await?;
+    let admin = kube.client().await?;
+    let token = Api::<ServiceAccount>::namespaced(admin, namespace)
+        .create_token_request(
+            name,
+            &PostParams::default(),
+            &TokenRequest {
+                spec: Some(TokenRequestSpec {
+                    expiration_seconds: Some(3600),
+                    ..TokenRequestSpec::default()
+                }),
+                ..TokenRequest::default()
+            },
+        )
+        .await?
+        .status
+        .context("token request status")?
+        .token
+        .context("token")?;
+    let mut config = kube.admin_config().await?;
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(secrecy::SecretString::from(token)),
+        ..kube::config::AuthInfo::default()
+    };
+    Ok(Client::try_from(config)?)
+}
+
+#[tokio::test]
+async fn operator_runs_as_a_service_account_with_least_privilege_rbac() -> anyhow::Result<()> {
+    let admin = client().await?;
+    let group = shcr_testenv::unique_name("rbac");
+    let namespace = group.clone();
+    let apply = PatchParams::apply("shcr-operator-test").force();
+    Api::<Namespace>::all(admin.clone())
+        .patch(
+            &namespace,
+            &apply,
+            &Patch::Apply(
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+            ),
+        )
+        .await?;
+    let account = "shcr-operator";
+    let subject = json!([{"kind": "ServiceAccount", "name": account, "namespace": namespace}]);
+    Api::<ServiceAccount>::namespaced(admin.clone(), &namespace)
+        .patch(
+            account,
+            &apply,
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account}})),
+        )
+        .await?;
+    Api::<ClusterRole>::all(admin.clone())
+        .patch(
+            &group,
+            &apply,
+            &Patch::Apply(json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "metadata": {"name": group}, "rules": operator_cluster_rules(),
+            })),
+        )
+        .await?;
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .patch(
+            &group,
+            &apply,
+            &Patch::Apply(json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": group},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": group},
+                "subjects": subject,
+            })),
+        )
+        .await?;
+    Api::<Role>::namespaced(admin.clone(), &namespace)
+        .patch(
+            account,
+            &apply,
+            &Patch::Apply(json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                "metadata": {"name": account}, "rules": operator_namespace_rules(),
+            })),
+        )
+        .await?;
+    Api::<RoleBinding>::namespaced(admin.clone(), &namespace)
+        .patch(
+            account,
+            &apply,
+            &Patch::Apply(json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": account},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+                "subjects": subject,
+            })),
+        )
+        .await?;
+
+    // The operator as `shcr operator` runs it, with leader election, as the ServiceAccount.
+    let key_file = write_temp("assertion-key", &assertion_key()?.1)?;
+    let mut config = operator_config(&group, None).await?;
+    config.listen = "127.0.0.1:0".parse()?;
+    config.assertion_public_key_file = Some(key_file.clone());
+    config.leader_election = LeaderElectionConfig {
+        enabled: true,
+        lease_namespace: namespace.clone(),
+        lease_name: "shcr-operator".to_owned(),
+        identity: None,
+        lease_duration_seconds: 4,
+        renew_before_seconds: 1,
+    };
+    let operator_client = service_account_client(&namespace, account).await?;
+    let clients = test_clients(operator_client.clone()).await?;
+    // RBAC is enforced: the ServiceAccount may not read Secrets.
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(operator_client, "default");
+    assert!(
+        matches!(secrets.list(&Default::default()).await, Err(kube::Error::Api(s)) if s.code == 403),
+        "the operator's token is a ServiceAccount's, not the admin's"
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(shcr_operator::run_with(clients, config, async move {
+        let _ = stopped.await;
+    }));
+
+    let api = Api::<CareSystem>::all(admin.clone());
+    let name = shcr_testenv::unique_name("sa");
+    api.create(&PostParams::default(), &care_system(&name, &group, spec())?)
+        .await?;
+    condition_is(&api, &name, condition::SYNCED, "True").await?;
+    mark_store_available(&admin, &format!("care-{name}")).await?;
+    condition_is(&api, &name, condition::READY, "True").await?;
+    // Drift repair works under this RBAC too.
+    let policies = Api::<NetworkPolicy>::namespaced(admin.clone(), &format!("care-{name}"));
+    policies
+        .delete("default-deny", &DeleteParams::default())
+        .await?;
+    eventually("the NetworkPolicy is recreated", || async {
+        Ok(policies.get_opt("default-deny").await?.is_some())
+    })
+    .await?;
+    api.delete(&name, &DeleteParams::default()).await?;
+    wait_gone(&api, &name).await?;
+
+    let _ = stop.send(());
+    let outcome = tokio::time::timeout(TIMEOUT, operator).await??;
+    std::fs::remove_file(&key_file)?;
+    outcome?;
+    Api::<Namespace>::all(admin.clone())
+        .delete(&namespace, &DeleteParams::default())
+        .await?;
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .delete(&group, &DeleteParams::default())
+        .await?;
+    Api::<ClusterRole>::all(admin)
+        .delete(&group, &DeleteParams::default())
+        .await?;
+    Ok(())
 }

@@ -1,11 +1,14 @@
-//! `shcr dev` end to end: stores open on the embedded default, health answers, a restart on the
-//! same data dir finds the same keys and database, bad manifests are refused with clear errors.
+//! `shcr dev` in process: stores open on the embedded default behind the gateway, health
+//! answers, demo data is seeded once, the FHIR API works with a dev token, a restart on the same
+//! data dir finds the same keys and records, bad manifests are refused with clear errors.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use shcr_gateway::auth::{DevIssuer, TokenRequest};
 use shcr_gateway::dev::{DEMO_CARE_SYSTEMS, DevConfig, DevError, parse_care_systems, run};
+use shcr_gateway::seed::PATIENTS_PER_CARE_SYSTEM;
 
 fn free_addr() -> Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
@@ -23,15 +26,17 @@ async fn wait_healthy(base: &str) -> Result<()> {
     anyhow::bail!("shcr dev never became healthy")
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_serves_every_care_system_and_survives_a_restart() -> Result<()> {
     let dir = tempfile::tempdir()?;
+    let http = reqwest::Client::new();
     for round in 0..2 {
         let listen = free_addr()?;
         let config = DevConfig {
             data_dir: dir.path().to_path_buf(),
             listen,
             care_systems: None,
+            seed_demo: true,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(run(config, async {
@@ -57,6 +62,57 @@ async fn dev_serves_every_care_system_and_survives_a_restart() -> Result<()> {
         );
         let metrics = reqwest::get(format!("{base}/metrics")).await?;
         assert_eq!(metrics.status(), 200);
+
+        // The FHIR API through the gateway, with a token from the dev issuer in the data dir
+        // (the same key after the restart).
+        let issuer = DevIssuer::load_or_create(dir.path())?;
+        let token = issuer.issue(&TokenRequest::new("north-east", "RTD", "R8000"))?;
+        let patients: serde_json::Value = http
+            .get(format!("{base}/north-east/fhir/Patient?_count=50"))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let seeded = patients["entry"].as_array().map(Vec::len).unwrap_or(0);
+        let expected = PATIENTS_PER_CARE_SYSTEM + usize::from(round == 1);
+        assert_eq!(
+            seeded, expected,
+            "round {round}: seeding is idempotent: {patients}"
+        );
+        if round == 0 {
+            let created = http
+                .put(format!("{base}/north-east/fhir/Patient/kept"))
+                .bearer_auth(&token)
+                .header("content-type", "application/fhir+json")
+                .body(r#"{"resourceType":"Patient","id":"kept","name":[{"family":"Kept"}]}"#)
+                .send()
+                .await?;
+            assert_eq!(created.status(), 201);
+            let location = created.headers()["location"].to_str()?.to_owned();
+            assert!(
+                location.starts_with(&format!("{base}/north-east/fhir/Patient/kept")),
+                "Location names the gateway: {location}"
+            );
+        } else {
+            let kept: serde_json::Value = http
+                .get(format!("{base}/north-east/fhir/Patient/kept"))
+                .bearer_auth(&token)
+                .send()
+                .await?
+                .json()
+                .await?;
+            assert_eq!(kept["name"][0]["family"], "Kept", "{kept}");
+        }
+        // A west-yorkshire token cannot read north-east.
+        let other = issuer.issue(&TokenRequest::new("west-yorkshire", "RR8", "R8000"))?;
+        let refused = http
+            .get(format!("{base}/north-east/fhir/Patient/kept"))
+            .bearer_auth(&other)
+            .send()
+            .await?;
+        assert_eq!(refused.status(), 401);
+
         let _ = stop.send(());
         server.await??;
     }
@@ -66,6 +122,9 @@ async fn dev_serves_every_care_system_and_survives_a_restart() -> Result<()> {
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key)?.permissions());
         assert_eq!(mode & 0o777, 0o600, "{}", key.display());
     }
+    let key = dir.path().join("gateway").join("assertion-key.pem");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key)?.permissions());
+    assert_eq!(mode & 0o777, 0o600, "{}", key.display());
     let a = std::fs::read(dir.path().join("north-east/keys/master.key"))?;
     let b = std::fs::read(dir.path().join("west-yorkshire/keys/master.key"))?;
     assert_ne!(a, b, "care systems must not share a key");

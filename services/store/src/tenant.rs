@@ -109,6 +109,32 @@ impl TenantDatabase {
         })
     }
 
+    /// Like [`Self::open`] but with the database's objects written in the clear: for benchmarks
+    /// only (`examples/store_bench.rs` measures what encryption costs against it). The key
+    /// provider and keyring are used exactly as in [`Self::open`] (key checks, health), so the
+    /// difference is the envelope encryption of every object. Never used by the `shcr` binary.
+    #[doc(hidden)]
+    pub async fn open_unencrypted_for_benchmarks(
+        config: TenantConfig,
+    ) -> Result<Self, TenantError> {
+        let raw = config.storage.open()?;
+        let keyring = Arc::new(EnvelopeKeyring::new(
+            config.care_system.clone(),
+            config.key_provider,
+            raw.clone(),
+            config.keyring,
+        ));
+        keyring.current_key().await?;
+        let data: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(raw, ENCRYPTED_PREFIX));
+        let engine = RecordEngine::open(data.clone(), DATABASE_PATH, &config.engine).await?;
+        Ok(Self {
+            care_system: config.care_system,
+            keyring,
+            encrypted: data,
+            engine,
+        })
+    }
+
     pub fn care_system(&self) -> &CareSystemName {
         &self.care_system
     }

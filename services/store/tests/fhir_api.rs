@@ -1,6 +1,9 @@
-//! The FHIR API over real HTTP: a store on a local-directory bucket with the local key provider,
-//! served by axum on a loopback port, driven with reqwest. Every interaction, each error case,
-//! and that a failed request stores nothing.
+//! The FHIR API over real HTTP: a store served by axum on a loopback port, driven with reqwest,
+//! every request carrying a gateway identity assertion. Most tests use a local-directory bucket
+//! with the local key provider; the ones started with [`TestServer::start_s3`] run on the test
+//! environment's S3 server (moto) with keys from its KMS emulator (local-kms). Every
+//! interaction, each error case, authentication and authorisation, the audit trail, and that a
+//! failed request stores nothing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,24 +14,25 @@ use anyhow::{Context, Result, ensure};
 use async_trait::async_trait;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use shcr_identity::{ASSERTION_HEADER, AssertionSigner, Identity, Scopes};
 use shcr_store::CareSystemName;
 use shcr_store::api::{FhirStore, FhirStoreConfig, router};
 use shcr_store::engine::EngineConfig;
-use shcr_store::engine::storage::ObjectStorage;
+use shcr_store::engine::storage::{ObjectStorage, StaticCredentials};
 use shcr_store::envelope::{
-    DataKey, EncryptionContext, KeyProvider, KeyProviderError, KeyringConfig, LocalKeyProvider,
-    SecretKey, WrappedKey,
+    DataKey, EncryptionContext, KeyProvider, KeyProviderError, KeyringConfig, KmsKeyProvider,
+    LocalKeyProvider, SecretKey, WrappedKey,
 };
 use shcr_store::tenant::{TenantConfig, TenantDatabase};
 
 const CARE_SYSTEM: &str = "north-east";
 const NHS: &str = "https://fhir.nhs.uk/Id/nhs-number";
 
-/// Fault injection: the local key provider, with a switch that makes it refuse like a disabled
-/// KMS key.
+/// Fault injection: a key provider (local or KMS), with a switch that makes it refuse like a
+/// disabled KMS key.
 #[derive(Debug)]
 struct SwitchableKeys {
-    inner: LocalKeyProvider,
+    inner: Arc<dyn KeyProvider>,
     available: AtomicBool,
 }
 
@@ -67,9 +71,31 @@ impl SwitchableKeys {
 
 const KEY_TTL: Duration = Duration::from_millis(200);
 
+/// A clinician acting for a member organisation with every user scope, as the gateway would
+/// vouch for them.
+fn clinician() -> Identity {
+    identity("user/*.cruds", None)
+}
+
+fn identity(scopes: &str, patient: Option<&str>) -> Identity {
+    Identity {
+        subject: "555021935107".to_string(),
+        organisation: "A81001".to_string(),
+        role: "R8000".to_string(),
+        scopes: Scopes::parse(scopes).expect("test scopes parse"),
+        patient: patient.map(str::to_string),
+        care_system: CARE_SYSTEM.to_string(),
+        break_glass_reason: None,
+        request_id: "test-request".to_string(),
+    }
+}
+
 struct TestServer {
     base: String,
+    store: Arc<FhirStore>,
+    /// A client sending a clinician's assertion with every request.
     http: reqwest::Client,
+    signer: AssertionSigner,
     keys: Arc<SwitchableKeys>,
     dir: tempfile::TempDir,
     server: tokio::task::JoinHandle<()>,
@@ -82,9 +108,16 @@ impl Drop for TestServer {
 }
 
 async fn open_tenant(dir: &std::path::Path, keys: Arc<SwitchableKeys>) -> Result<TenantDatabase> {
+    open_tenant_on(ObjectStorage::LocalDir(dir.join("objects")), keys).await
+}
+
+async fn open_tenant_on(
+    storage: ObjectStorage,
+    keys: Arc<SwitchableKeys>,
+) -> Result<TenantDatabase> {
     Ok(TenantDatabase::open(TenantConfig {
         care_system: CareSystemName::parse(CARE_SYSTEM)?,
-        storage: ObjectStorage::LocalDir(dir.join("objects")),
+        storage,
         key_provider: keys,
         keyring: KeyringConfig {
             key_ttl: KEY_TTL,
@@ -103,27 +136,81 @@ impl TestServer {
     async fn start_with(config: FhirStoreConfig) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let keys = Arc::new(SwitchableKeys {
-            inner: LocalKeyProvider::open(dir.path().join("keys")).await?,
+            inner: Arc::new(LocalKeyProvider::open(dir.path().join("keys")).await?),
             available: AtomicBool::new(true),
         });
         let db = open_tenant(dir.path(), keys.clone()).await?;
+        Self::serve(db, keys, dir, config).await
+    }
+
+    /// A store on a fresh bucket of the test S3 server, under a fresh key of the test KMS.
+    async fn start_s3() -> Result<Self> {
+        let s3 = shcr_testenv::s3().await?;
+        let client = s3.client().await;
+        let bucket = shcr_testenv::unique_name("fhir-api");
+        s3.create_bucket(&client, &bucket).await?;
+        let kms = shcr_testenv::kms().await?.client().await;
+        let key = kms
+            .create_key()
+            .description("shcr fhir api test")
+            .send()
+            .await?
+            .key_metadata
+            .context("no key metadata")?
+            .key_id;
+        let keys = Arc::new(SwitchableKeys {
+            inner: Arc::new(KmsKeyProvider::new(kms, key)),
+            available: AtomicBool::new(true),
+        });
+        let creds = shcr_testenv::aws::test_credentials();
+        let storage = ObjectStorage::S3 {
+            bucket,
+            prefix: format!("care/{CARE_SYSTEM}"),
+            region: shcr_testenv::aws::REGION.to_string(),
+            endpoint: Some(s3.endpoint().to_string()),
+            credentials: Some(StaticCredentials {
+                access_key_id: creds.access_key_id().to_string(),
+                secret_access_key: creds.secret_access_key().to_string(),
+            }),
+        };
+        let db = open_tenant_on(storage, keys.clone()).await?;
+        Self::serve(db, keys, tempfile::tempdir()?, FhirStoreConfig::default()).await
+    }
+
+    async fn serve(
+        db: TenantDatabase,
+        keys: Arc<SwitchableKeys>,
+        dir: tempfile::TempDir,
+        config: FhirStoreConfig,
+    ) -> Result<Self> {
         let store = Arc::new(FhirStore::new(db, config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr: SocketAddr = listener.local_addr()?;
-        let app = router(store);
+        let signer = AssertionSigner::generate()?;
+        let app = router(store.clone(), signer.verifier());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
         Ok(Self {
             base: format!("http://{addr}/{CARE_SYSTEM}/fhir"),
-            http: reqwest::Client::new(),
+            store,
+            http: client_as(&signer, &clinician())?,
+            signer,
             keys,
             dir,
             server,
         })
     }
 
+    /// A client acting as `identity`.
+    fn client(&self, identity: &Identity) -> Result<reqwest::Client> {
+        client_as(&self.signer, identity)
+    }
+
     fn url(&self, path: &str) -> String {
+        if path.is_empty() {
+            return self.base.clone();
+        }
         format!("{}/{path}", self.base)
     }
 
@@ -178,6 +265,24 @@ impl TestServer {
         Ok(json["id"].as_str().context("no id")?.to_string())
     }
 
+    /// The AuditEvents matching `query` (after the background audit queue is durable).
+    async fn audit_events(&self, query: &str) -> Result<Vec<Value>> {
+        ensure!(
+            self.store.flush_audit(Duration::from_secs(10)).await == 0,
+            "audit queue did not drain"
+        );
+        let (status, bundle) = self.get_json(&format!("AuditEvent?{query}")).await?;
+        ensure!(status == StatusCode::OK, "audit search: {status} {bundle}");
+        Ok(bundle["entry"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["search"]["mode"] == "match")
+            .map(|e| e["resource"].clone())
+            .collect())
+    }
+
     /// The `total` of a search.
     async fn total(&self, query: &str) -> Result<u64> {
         let (status, bundle) = self.get_json(query).await?;
@@ -187,6 +292,16 @@ impl TestServer {
         );
         bundle["total"].as_u64().context("no total")
     }
+}
+
+/// A reqwest client that sends `identity`'s assertion, signed by `signer`, with every request.
+fn client_as(signer: &AssertionSigner, identity: &Identity) -> Result<reqwest::Client> {
+    let token = signer.sign(identity, Duration::from_secs(300))?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(ASSERTION_HEADER, token.parse()?);
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
 }
 
 /// The first valid NHS number (Modulus 11) whose nine leading digits are `first_nine` or above.
@@ -237,7 +352,7 @@ fn assert_outcome(body: &Value, code: &str) {
 
 #[tokio::test]
 async fn create_read_vread_update_delete_keep_versions_and_history() -> Result<()> {
-    let s = TestServer::start().await?;
+    let s = TestServer::start_s3().await?;
     let mut body = patient("Smith", &nhs_number(943476591), "1980-04-01");
     body["id"] = json!("client-chosen");
     let resp = s.post("Patient", &body).await?;
@@ -682,6 +797,38 @@ async fn metadata_lists_exactly_what_is_supported() -> Result<()> {
         .find(|r| r["type"] == "AuditEvent")
         .context("AuditEvent")?;
     assert!(!audit["interaction"].to_string().contains("create"));
+    let system: Vec<&str> = cs["rest"][0]["interaction"]
+        .as_array()
+        .context("system interactions")?
+        .iter()
+        .filter_map(|i| i["code"].as_str())
+        .collect();
+    assert_eq!(system, ["history-system", "batch", "transaction"]);
+    assert_eq!(cs["rest"][0]["operation"][0]["name"], "export");
+    assert!(
+        patient["operation"]
+            .as_array()
+            .context("patient operations")?
+            .iter()
+            .any(|o| o["name"] == "export")
+    );
+    let observation = resources
+        .iter()
+        .find(|r| r["type"] == "Observation")
+        .context("Observation")?;
+    assert!(
+        observation["searchInclude"]
+            .as_array()
+            .context("includes")?
+            .contains(&json!("Observation:patient"))
+    );
+    assert!(
+        patient["searchRevInclude"]
+            .as_array()
+            .context("revincludes")?
+            .contains(&json!("Observation:patient"))
+    );
+    assert!(cs["rest"][0]["security"]["description"].is_string());
     Ok(())
 }
 
@@ -830,11 +977,9 @@ async fn unknown_or_malformed_search_parameters_are_400_unless_lenient() -> Resu
     let (status, body) = s.get_json("Patient?birthdate=yesterday").await?;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_outcome(&body, "invalid");
-    let (status, body) = s
-        .get_json("Patient?_include=Patient:general-practitioner")
-        .await?;
+    let (status, body) = s.get_json("Patient?_include=Patient:nickname").await?;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_outcome(&body, "not-supported");
+    assert!(body.to_string().contains("_include"), "{body}");
 
     let resp = s
         .http
@@ -853,7 +998,8 @@ async fn unknown_or_malformed_search_parameters_are_400_unless_lenient() -> Resu
     assert_eq!(outcome["resource"]["issue"][0]["severity"], "warning");
     assert_eq!(
         outcome["resource"]["issue"].as_array().map(Vec::len),
-        Some(2)
+        Some(1),
+        "only the unknown parameter is ignored; _include is supported"
     );
     Ok(())
 }
@@ -1276,6 +1422,1114 @@ async fn type_and_system_history_list_versions_newest_first_with_paging() -> Res
         let (status, body) = s.get_json(bad).await?;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
         assert_outcome(&body, "invalid");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Identity assertion and authorisation
+
+#[tokio::test]
+async fn requests_without_a_valid_assertion_are_401_and_touch_nothing() -> Result<()> {
+    let s = TestServer::start().await?;
+    let anonymous = reqwest::Client::new();
+    // The CapabilityStatement is public.
+    let resp = anonymous.get(s.url("metadata")).send().await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let body = patient("Anon", &nhs_number(943478000), "1990");
+    let stranger = AssertionSigner::generate()?;
+    let mut other_system = clinician();
+    other_system.care_system = "south-west".to_string();
+    let cases: Vec<(&str, Option<String>)> = vec![
+        ("missing", None),
+        ("garbage", Some("not-a-jwt".to_string())),
+        (
+            "another key",
+            Some(stranger.sign(&clinician(), Duration::from_secs(60))?),
+        ),
+        (
+            "another care system",
+            Some(s.signer.sign(&other_system, Duration::from_secs(60))?),
+        ),
+    ];
+    for (what, token) in cases {
+        for (method, path) in [
+            ("GET", "Patient"),
+            ("POST", "Patient"),
+            ("GET", "Patient/x"),
+            ("GET", "_history"),
+            ("GET", "Nothing/here/at/all"),
+        ] {
+            let mut req = match method {
+                "POST" => anonymous.post(s.url(path)).body(body.to_string()),
+                _ => anonymous.get(s.url(path)),
+            };
+            if let Some(token) = &token {
+                req = req.header(ASSERTION_HEADER, token);
+            }
+            let resp = req.send().await?;
+            assert_eq!(
+                resp.status(),
+                StatusCode::UNAUTHORIZED,
+                "{what} {method} {path}"
+            );
+            assert!(
+                resp.headers().contains_key("www-authenticate"),
+                "{what}: 401 carries WWW-Authenticate"
+            );
+            assert_outcome(&resp.json().await?, "login");
+        }
+    }
+    assert_eq!(s.total("Patient").await?, 0, "nothing was stored");
+    Ok(())
+}
+
+#[tokio::test]
+async fn scopes_are_enforced_per_interaction_and_type() -> Result<()> {
+    let s = TestServer::start().await?;
+    let p = s
+        .create(&patient("Scoped", &nhs_number(943478100), "1970"))
+        .await?;
+    let o = s.create(&observation(&p, "1234", "2024-01-01")).await?;
+
+    let reader = s.client(&identity("user/*.rs", None))?;
+    assert_eq!(
+        reader
+            .get(s.url(&format!("Patient/{p}")))
+            .send()
+            .await?
+            .status(),
+        StatusCode::OK
+    );
+    let resp = reader
+        .post(s.url("Patient"))
+        .body(patient("No", &nhs_number(943478110), "1970").to_string())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_outcome(&resp.json().await?, "forbidden");
+    let resp = reader
+        .delete(s.url(&format!("Observation/{o}")))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+
+    let obs_only = s.client(&identity("user/Observation.rs", None))?;
+    for path in [
+        format!("Observation/{o}"),
+        format!("Observation?patient={p}"),
+    ] {
+        assert_eq!(
+            obs_only.get(s.url(&path)).send().await?.status(),
+            StatusCode::OK,
+            "{path}"
+        );
+    }
+    for path in [
+        format!("Patient/{p}"),
+        "Patient".to_string(),
+        format!("Patient/{p}/$everything"),
+        "_history".to_string(),
+    ] {
+        let resp = obs_only.get(s.url(&path)).send().await?;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+        assert_outcome(&resp.json().await?, "forbidden");
+    }
+    // Read but not search, and search but not read.
+    let read_only = s.client(&identity("user/Patient.r", None))?;
+    assert_eq!(
+        read_only.get(s.url("Patient")).send().await?.status(),
+        StatusCode::FORBIDDEN
+    );
+    let no_clinical = s.client(&identity("openid fhirUser", None))?;
+    assert_eq!(
+        no_clinical
+            .get(s.url(&format!("Patient/{p}")))
+            .send()
+            .await?
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        s.total("Observation").await?,
+        1,
+        "the refused delete did nothing"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_patient_scoped_identity_sees_only_its_compartment() -> Result<()> {
+    let s = TestServer::start().await?;
+    let mine = s
+        .create(&patient("Mine", &nhs_number(943478200), "1980"))
+        .await?;
+    let theirs = s
+        .create(&patient("Theirs", &nhs_number(943478210), "1981"))
+        .await?;
+    let my_obs = s.create(&observation(&mine, "1111", "2024-01-01")).await?;
+    let their_obs = s
+        .create(&observation(&theirs, "1111", "2024-01-02"))
+        .await?;
+    let me = s.client(&identity("patient/*.cruds", Some(&mine)))?;
+
+    for path in [
+        format!("Patient/{mine}"),
+        format!("Observation/{my_obs}"),
+        format!("Observation/{my_obs}/_history"),
+        format!("Observation/{my_obs}/_history/1"),
+        format!("Patient/{mine}/$everything"),
+    ] {
+        assert_eq!(
+            me.get(s.url(&path)).send().await?.status(),
+            StatusCode::OK,
+            "{path}"
+        );
+    }
+    for path in [
+        format!("Patient/{theirs}"),
+        format!("Observation/{their_obs}"),
+        format!("Observation/{their_obs}/_history/1"),
+        format!("Patient/{theirs}/$everything"),
+        "Patient/does-not-exist".to_string(),
+        "Observation/_history".to_string(),
+        "_history".to_string(),
+        "Practitioner".to_string(),
+    ] {
+        let resp = me.get(s.url(&path)).send().await?;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+        assert_outcome(&resp.json().await?, "forbidden");
+    }
+    // Searches are confined, whatever the query asks for.
+    for query in [
+        "Observation".to_string(),
+        "Observation?code=1111".to_string(),
+        format!("Observation?patient={theirs}"),
+    ] {
+        let resp = me.get(s.url(&query)).send().await?;
+        assert_eq!(resp.status(), StatusCode::OK, "{query}");
+        let bundle: Value = resp.json().await?;
+        let ids: Vec<&str> = bundle["entry"]
+            .as_array()
+            .context("entries")?
+            .iter()
+            .filter_map(|e| e["resource"]["id"].as_str())
+            .collect();
+        assert!(
+            ids.iter().all(|id| *id == my_obs),
+            "{query} returned another patient's records: {ids:?}"
+        );
+    }
+    let bundle: Value = me.get(s.url("Patient")).send().await?.json().await?;
+    assert_eq!(bundle["total"], 1);
+    assert_eq!(bundle["entry"][0]["resource"]["id"], mine.as_str());
+
+    // Writes: only into the own compartment.
+    let resp = me
+        .post(s.url("Observation"))
+        .body(observation(&theirs, "2222", "2024-02-01").to_string())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = me
+        .post(s.url("Observation"))
+        .body(observation(&mine, "2222", "2024-02-01").to_string())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let mut moved = observation(&mine, "1111", "2024-01-02");
+    moved["id"] = json!(their_obs);
+    let resp = me
+        .put(s.url(&format!("Observation/{their_obs}")))
+        .body(moved.to_string())
+        .send()
+        .await?;
+    assert_eq!(
+        resp.status(),
+        StatusCode::FORBIDDEN,
+        "cannot take over another's record"
+    );
+    let resp = me
+        .delete(s.url(&format!("Observation/{their_obs}")))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        s.total(&format!("Observation?patient={theirs}")).await?,
+        1,
+        "the other patient's record is untouched"
+    );
+
+    // Patient scopes without a patient reach nothing.
+    let nobody = s.client(&identity("patient/*.rs", None))?;
+    assert_eq!(
+        nobody
+            .get(s.url(&format!("Patient/{mine}")))
+            .send()
+            .await?
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit
+
+#[tokio::test]
+async fn every_interaction_is_audited_with_who_what_patient_and_outcome() -> Result<()> {
+    let s = TestServer::start_s3().await?;
+    let p = s
+        .create(&patient("Audited", &nhs_number(943478300), "1960"))
+        .await?;
+    // A write's AuditEvent is in the write's own commit: visible without waiting.
+    let (status, bundle) = s.get_json(&format!("AuditEvent?patient={p}")).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(bundle["total"], 1, "the create is audited: {bundle}");
+    let create = &bundle["entry"][0]["resource"];
+    assert_eq!(create["subtype"][0]["code"], "create");
+    assert_eq!(create["action"], "C");
+    assert_eq!(create["outcome"], "0");
+
+    let o = s.create(&observation(&p, "5555", "2024-03-01")).await?;
+    assert_eq!(
+        s.get(&format!("Patient/{p}")).await?.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.get(&format!("Observation/{o}")).await?.status(),
+        StatusCode::OK
+    );
+    assert_eq!(s.total(&format!("Observation?patient={p}")).await?, 1);
+    assert_eq!(
+        s.get(&format!("Patient/{p}/$everything")).await?.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.get("Observation/missing").await?.status(),
+        StatusCode::NOT_FOUND
+    );
+
+    let events = s.audit_events(&format!("patient={p}&_count=100")).await?;
+    let subtypes: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["subtype"][0]["code"].as_str())
+        .collect();
+    for wanted in ["create", "read", "search-type", "operation"] {
+        assert!(subtypes.contains(&wanted), "{wanted} audited: {subtypes:?}");
+    }
+    let read = events
+        .iter()
+        .find(|e| {
+            e["subtype"][0]["code"] == "read"
+                && e["entity"].as_array().is_some_and(|es| {
+                    es.iter()
+                        .any(|x| x["what"]["reference"] == format!("Observation/{o}"))
+                })
+        })
+        .context("the Observation read is audited against its patient")?;
+    assert_eq!(
+        read["agent"][0]["who"]["identifier"]["value"],
+        "555021935107"
+    );
+    assert_eq!(read["agent"][0]["role"][0]["coding"][0]["code"], "R8000");
+    assert_eq!(read["agent"][1]["who"]["identifier"]["value"], "A81001");
+    assert_eq!(read["source"]["site"], CARE_SYSTEM);
+    assert!(read["recorded"].is_string());
+    assert!(read.get("purposeOfEvent").is_none(), "no break glass");
+
+    // Failures are audited too.
+    let failed = s.audit_events("outcome=4").await?;
+    assert!(
+        failed
+            .iter()
+            .any(|e| e["entity"].as_array().is_some_and(|es| es
+                .iter()
+                .any(|x| x["what"]["reference"] == "Observation/missing"))),
+        "the 404 read is audited"
+    );
+    // By agent (person or organisation) and by date.
+    assert!(!s.audit_events("agent=555021935107").await?.is_empty());
+    assert!(
+        !s.audit_events("agent=https://fhir.nhs.uk/Id/ods-organization-code|A81001")
+            .await?
+            .is_empty()
+    );
+    assert!(s.audit_events("agent=Y99999").await?.is_empty());
+    assert!(!s.audit_events("date=ge2020-01-01").await?.is_empty());
+    assert!(s.audit_events("date=lt2000-01-01").await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn break_glass_is_a_flagged_purpose_of_event() -> Result<()> {
+    let s = TestServer::start().await?;
+    let p = s
+        .create(&patient("Glass", &nhs_number(943478400), "1950"))
+        .await?;
+    let mut emergency = clinician();
+    emergency.break_glass_reason = Some("unconscious in ED".to_string());
+    let resp = s
+        .client(&emergency)?
+        .get(s.url(&format!("Patient/{p}")))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let events = s.audit_events(&format!("patient={p}")).await?;
+    let flagged: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["purposeOfEvent"][0]["coding"][0]["code"] == "BTG")
+        .collect();
+    assert_eq!(flagged.len(), 1, "exactly the break-glass read is flagged");
+    assert_eq!(flagged[0]["purposeOfEvent"][0]["text"], "unconscious in ED");
+    assert_eq!(flagged[0]["subtype"][0]["code"], "read");
+    Ok(())
+}
+
+#[tokio::test]
+async fn clients_cannot_write_audit_events_and_they_stay_out_of_everything() -> Result<()> {
+    let s = TestServer::start().await?;
+    let p = s
+        .create(&patient("Trail", &nhs_number(943478500), "1950"))
+        .await?;
+    let event = s.audit_events(&format!("patient={p}")).await?;
+    let id = event[0]["id"].as_str().context("audit id")?.to_string();
+    let resp = s.post("AuditEvent", &event[0]).await?;
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let resp = s.put(&format!("AuditEvent/{id}"), &event[0], None).await?;
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let resp = s
+        .http
+        .delete(s.url(&format!("AuditEvent/{id}")))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        s.get(&format!("AuditEvent/{id}")).await?.status(),
+        StatusCode::OK
+    );
+    let (_, everything) = s.get_json(&format!("Patient/{p}/$everything")).await?;
+    assert_eq!(everything["total"], 1, "only the patient: {everything}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// batch and transaction Bundles
+
+fn entry_post(full_url: &str, resource: Value) -> Value {
+    json!({
+        "fullUrl": full_url,
+        "resource": resource,
+        "request": {"method": "POST", "url": resource_type_of(&resource)},
+    })
+}
+
+fn resource_type_of(resource: &Value) -> String {
+    resource["resourceType"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn bundle_of(kind: &str, entries: Vec<Value>) -> Value {
+    json!({"resourceType": "Bundle", "type": kind, "entry": entries})
+}
+
+#[tokio::test]
+async fn a_transaction_commits_everything_and_resolves_urn_uuid_references() -> Result<()> {
+    let s = TestServer::start_s3().await?;
+    let nhs = nhs_number(943479000);
+    let gp = json!({
+        "resourceType": "Practitioner",
+        "identifier": [{"system": "https://fhir.nhs.uk/Id/sds-user-id", "value": "G1234567"}],
+        "name": [{"family": "Jones"}],
+    });
+    let mut conditional_gp = entry_post("urn:uuid:gp", gp.clone());
+    conditional_gp["request"]["ifNoneExist"] =
+        json!("identifier=https://fhir.nhs.uk/Id/sds-user-id|G1234567");
+    let mut p = patient("Trans", &nhs, "1970-01-01");
+    p["generalPractitioner"] = json!([{"reference": "urn:uuid:gp"}]);
+    let bundle = bundle_of(
+        "transaction",
+        vec![
+            entry_post("urn:uuid:obs1", observation("x", "1000", "2024-01-01")),
+            entry_post("urn:uuid:pat", p),
+            conditional_gp.clone(),
+            entry_post("urn:uuid:obs2", observation("x", "2000", "2024-01-02")),
+        ],
+    );
+    let mut bundle = bundle;
+    bundle["entry"][0]["resource"]["subject"]["reference"] = json!("urn:uuid:pat");
+    bundle["entry"][3]["resource"]["subject"]["reference"] = json!("urn:uuid:pat");
+    let resp = s.post("", &bundle).await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let reply: Value = resp.json().await?;
+    assert_eq!(reply["type"], "transaction-response");
+    let entries = reply["entry"].as_array().context("entries")?;
+    assert_eq!(entries.len(), 4);
+    for e in entries {
+        assert_eq!(e["response"]["status"], "201 Created", "{e}");
+        assert_eq!(e["response"]["etag"], "W/\"1\"");
+        assert!(
+            e["response"]["location"]
+                .as_str()
+                .is_some_and(|l| l.ends_with("/_history/1"))
+        );
+    }
+    let patient_id = entries[1]["resource"]["id"]
+        .as_str()
+        .context("patient id")?;
+    let gp_id = entries[2]["resource"]["id"].as_str().context("gp id")?;
+    assert_eq!(
+        entries[1]["resource"]["generalPractitioner"][0]["reference"],
+        format!("Practitioner/{gp_id}")
+    );
+    for i in [0, 3] {
+        assert_eq!(
+            entries[i]["resource"]["subject"]["reference"],
+            format!("Patient/{patient_id}")
+        );
+    }
+    assert_eq!(
+        s.total(&format!("Observation?patient={patient_id}"))
+            .await?,
+        2
+    );
+    assert_eq!(
+        s.total(&format!("Observation?patient.identifier={NHS}|{nhs}"))
+            .await?,
+        2,
+        "chaining by NHS number finds the transaction's records"
+    );
+    // The transaction's AuditEvent went into the same commit.
+    let (_, audit) = s
+        .get_json(&format!(
+            "AuditEvent?patient={patient_id}&subtype=transaction"
+        ))
+        .await?;
+    assert_eq!(audit["total"], 1, "{audit}");
+
+    // The conditional create now matches: a no-op referring to the existing Practitioner.
+    let again = bundle_of("transaction", vec![conditional_gp]);
+    let reply: Value = s.post("", &again).await?.json().await?;
+    assert_eq!(reply["entry"][0]["response"]["status"], "200 OK");
+    assert_eq!(reply["entry"][0]["resource"]["id"], gp_id);
+    assert_eq!(s.total("Practitioner").await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_transaction_entry_stores_nothing() -> Result<()> {
+    let s = TestServer::start().await?;
+    let existing = s
+        .create(&patient("Before", &nhs_number(943479100), "1970"))
+        .await?;
+    let good = entry_post(
+        "urn:uuid:a",
+        patient("Good", &nhs_number(943479110), "1971"),
+    );
+    let mut bad_nhs = patient("Bad", "9434765918", "1972");
+    bad_nhs["identifier"][0]["value"] = json!("9434765918");
+    let mut update = patient("Changed", &nhs_number(943479100), "1970");
+    update["id"] = json!(existing);
+    let put = |if_match: &str| {
+        json!({
+            "resource": update.clone(),
+            "request": {"method": "PUT", "url": format!("Patient/{existing}"), "ifMatch": if_match},
+        })
+    };
+    let cases: Vec<(&str, Value, StatusCode, &str)> = vec![
+        (
+            "invalid NHS number in the last entry",
+            bundle_of(
+                "transaction",
+                vec![
+                    good.clone(),
+                    put("W/\"1\""),
+                    entry_post("urn:uuid:b", bad_nhs),
+                ],
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Bundle.entry[2]",
+        ),
+        (
+            "If-Match conflict",
+            bundle_of("transaction", vec![good.clone(), put("W/\"7\"")]),
+            StatusCode::PRECONDITION_FAILED,
+            "Bundle.entry[1]",
+        ),
+        (
+            "unresolved urn:uuid",
+            bundle_of(
+                "transaction",
+                vec![
+                    good.clone(),
+                    entry_post(
+                        "urn:uuid:o",
+                        json!({
+                            "resourceType": "Observation", "status": "final",
+                            "code": {"text": "x"}, "subject": {"reference": "urn:uuid:nowhere"},
+                        }),
+                    ),
+                ],
+            ),
+            StatusCode::BAD_REQUEST,
+            "Bundle.entry[1]",
+        ),
+        (
+            "the same resource twice",
+            bundle_of("transaction", vec![put("W/\"1\""), put("W/\"1\"")]),
+            StatusCode::BAD_REQUEST,
+            "Bundle.entry[1]",
+        ),
+        (
+            "a GET in a transaction",
+            bundle_of(
+                "transaction",
+                vec![
+                    good.clone(),
+                    json!({"request": {"method": "GET", "url": "Patient"}}),
+                ],
+            ),
+            StatusCode::BAD_REQUEST,
+            "Bundle.entry[1]",
+        ),
+        (
+            "an AuditEvent write",
+            bundle_of(
+                "transaction",
+                vec![
+                    good.clone(),
+                    entry_post("urn:uuid:ae", json!({"resourceType": "AuditEvent"})),
+                ],
+            ),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Bundle.entry[1]",
+        ),
+        (
+            "a URL that does not fit the method",
+            bundle_of(
+                "transaction",
+                vec![
+                    good.clone(),
+                    json!({"request": {"method": "DELETE", "url": "Patient"}}),
+                ],
+            ),
+            StatusCode::BAD_REQUEST,
+            "Bundle.entry[1]",
+        ),
+        (
+            "not a batch or transaction",
+            bundle_of("collection", vec![good.clone()]),
+            StatusCode::BAD_REQUEST,
+            "Bundle.type",
+        ),
+        (
+            "not a Bundle",
+            patient("Odd", &nhs_number(943479120), "1970"),
+            StatusCode::BAD_REQUEST,
+            "Bundle",
+        ),
+    ];
+    for (what, bundle, status, mentions) in cases {
+        let resp = s.post("", &bundle).await?;
+        assert_eq!(resp.status(), status, "{what}");
+        let outcome: Value = resp.json().await?;
+        assert_eq!(outcome["resourceType"], "OperationOutcome", "{what}");
+        assert!(outcome.to_string().contains(mentions), "{what}: {outcome}");
+        assert_eq!(s.total("Patient").await?, 1, "{what}: nothing stored");
+        assert_eq!(s.total("Observation").await?, 0, "{what}: nothing stored");
+        let (_, current) = s.get_json(&format!("Patient/{existing}")).await?;
+        assert_eq!(current["meta"]["versionId"], "1", "{what}: no update");
+    }
+
+    // An ambiguous conditional create fails the whole transaction.
+    for n in [943479130, 943479140] {
+        s.create(&json!({
+            "resourceType": "Practitioner",
+            "identifier": [{"system": "https://fhir.nhs.uk/Id/sds-user-id", "value": "DUP1"}],
+            "name": [{"family": format!("Dup{n}")}],
+        }))
+        .await?;
+    }
+    let mut ambiguous = entry_post("urn:uuid:p", json!({"resourceType": "Practitioner"}));
+    ambiguous["request"]["ifNoneExist"] = json!("identifier=DUP1");
+    let resp = s
+        .post("", &bundle_of("transaction", vec![good.clone(), ambiguous]))
+        .await?;
+    assert_eq!(resp.status(), StatusCode::PRECONDITION_FAILED);
+    assert_eq!(s.total("Patient").await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_storage_fault_fails_the_whole_transaction() -> Result<()> {
+    let s = TestServer::start().await?;
+    s.create(&patient("Keep", &nhs_number(943479200), "1970"))
+        .await?;
+    let bundle = bundle_of(
+        "transaction",
+        vec![
+            entry_post(
+                "urn:uuid:a",
+                patient("Lost", &nhs_number(943479210), "1971"),
+            ),
+            entry_post(
+                "urn:uuid:b",
+                patient("Lost", &nhs_number(943479220), "1972"),
+            ),
+        ],
+    );
+    s.keys.available.store(false, Ordering::SeqCst);
+    tokio::time::sleep(KEY_TTL + Duration::from_millis(200)).await;
+    let resp = s.post("", &bundle).await?;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_outcome(&resp.json().await?, "transient");
+    s.keys.available.store(true, Ordering::SeqCst);
+    assert_eq!(
+        s.total("Patient").await?,
+        1,
+        "nothing of the transaction was stored"
+    );
+    assert_eq!(s.post("", &bundle).await?.status(), StatusCode::OK);
+    assert_eq!(s.total("Patient").await?, 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_batch_runs_entries_independently() -> Result<()> {
+    let s = TestServer::start().await?;
+    let p = s
+        .create(&patient("Batch", &nhs_number(943479300), "1970"))
+        .await?;
+    let bundle = bundle_of(
+        "batch",
+        vec![
+            entry_post("urn:uuid:x", observation(&p, "3000", "2024-01-01")),
+            json!({"request": {"method": "GET", "url": "Patient/nobody"}}),
+            entry_post("urn:uuid:y", patient("Bad", "1234567890", "1970")),
+            json!({"request": {"method": "GET", "url": format!("Patient/{p}")}}),
+            json!({"request": {"method": "GET", "url": format!("Observation?patient={p}")}}),
+            json!({"request": {"method": "DELETE", "url": format!("Patient/{p}")}}),
+        ],
+    );
+    let resp = s.post("", &bundle).await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let reply: Value = resp.json().await?;
+    assert_eq!(reply["type"], "batch-response");
+    let statuses: Vec<&str> = reply["entry"]
+        .as_array()
+        .context("entries")?
+        .iter()
+        .filter_map(|e| e["response"]["status"].as_str())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "201 Created",
+            "404 Not Found",
+            "422 Unprocessable Entity",
+            "200 OK",
+            "200 OK",
+            "204 No Content"
+        ]
+    );
+    assert_eq!(
+        reply["entry"][1]["response"]["outcome"]["resourceType"],
+        "OperationOutcome"
+    );
+    assert_eq!(reply["entry"][3]["resource"]["id"], p.as_str());
+    assert_eq!(reply["entry"][4]["resource"]["total"], 1);
+    assert_eq!(s.total("Observation").await?, 1);
+    assert_eq!(
+        s.get(&format!("Patient/{p}")).await?.status(),
+        StatusCode::GONE
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bundles_respect_scopes_and_the_patient_compartment() -> Result<()> {
+    let s = TestServer::start().await?;
+    let mine = s
+        .create(&patient("Mine", &nhs_number(943479400), "1980"))
+        .await?;
+    let theirs = s
+        .create(&patient("Theirs", &nhs_number(943479410), "1981"))
+        .await?;
+    let me = s.client(&identity("patient/*.cruds", Some(&mine)))?;
+    let bundle = bundle_of(
+        "transaction",
+        vec![
+            entry_post("urn:uuid:1", observation(&mine, "4000", "2024-01-01")),
+            entry_post("urn:uuid:2", observation(&theirs, "4000", "2024-01-01")),
+        ],
+    );
+    let resp = me.post(s.url("")).body(bundle.to_string()).send().await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(s.total("Observation").await?, 0);
+
+    let reader = s.client(&identity("user/*.rs", None))?;
+    let resp = reader
+        .post(s.url(""))
+        .body(
+            bundle_of(
+                "transaction",
+                vec![entry_post(
+                    "urn:uuid:1",
+                    observation(&mine, "4000", "2024-01-01"),
+                )],
+            )
+            .to_string(),
+        )
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let reply: Value = reader
+        .post(s.url(""))
+        .body(
+            bundle_of(
+                "batch",
+                vec![
+                    entry_post("urn:uuid:1", observation(&mine, "4000", "2024-01-01")),
+                    json!({"request": {"method": "GET", "url": format!("Patient/{theirs}")}}),
+                ],
+            )
+            .to_string(),
+        )
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(reply["entry"][0]["response"]["status"], "403 Forbidden");
+    assert_eq!(reply["entry"][1]["response"]["status"], "200 OK");
+    assert_eq!(s.total("Observation").await?, 0);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// _include and _revinclude
+
+#[tokio::test]
+async fn include_and_revinclude_follow_the_patient_links() -> Result<()> {
+    let s = TestServer::start().await?;
+    let nhs = nhs_number(943479500);
+    let p = s.create(&patient("Linked", &nhs, "1975")).await?;
+    let other = s
+        .create(&patient("Unlinked", &nhs_number(943479510), "1976"))
+        .await?;
+    let o1 = s.create(&observation(&p, "6000", "2024-01-01")).await?;
+    let o2 = s.create(&observation(&p, "6001", "2024-01-02")).await?;
+    s.create(&observation(&other, "6000", "2024-01-03")).await?;
+
+    let modes = |bundle: &Value| -> Vec<(String, String)> {
+        bundle["entry"]
+            .as_array()
+            .map(|es| {
+                es.iter()
+                    .map(|e| {
+                        (
+                            e["search"]["mode"].as_str().unwrap_or_default().to_string(),
+                            format!(
+                                "{}/{}",
+                                e["resource"]["resourceType"].as_str().unwrap_or_default(),
+                                e["resource"]["id"].as_str().unwrap_or_default()
+                            ),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (status, bundle) = s
+        .get_json(&format!(
+            "Observation?patient={p}&_include=Observation:patient"
+        ))
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(bundle["total"], 2, "total counts matches only");
+    let got = modes(&bundle);
+    assert_eq!(got.iter().filter(|(m, _)| m == "match").count(), 2);
+    assert_eq!(
+        got.iter()
+            .filter(|(m, _)| m == "include")
+            .collect::<Vec<_>>(),
+        vec![&("include".to_string(), format!("Patient/{p}"))],
+        "the patient once, though two matches point at it"
+    );
+
+    // By NHS number through the chain, with the patient's records revincluded.
+    let (_, bundle) = s
+        .get_json(&format!(
+            "Patient?identifier={NHS}|{nhs}&_revinclude=Observation:patient"
+        ))
+        .await?;
+    let got = modes(&bundle);
+    assert_eq!(got[0], ("match".to_string(), format!("Patient/{p}")));
+    let mut included: Vec<&str> = got
+        .iter()
+        .filter(|(m, _)| m == "include")
+        .map(|(_, r)| r.as_str())
+        .collect();
+    included.sort();
+    let mut expected = vec![format!("Observation/{o1}"), format!("Observation/{o2}")];
+    expected.sort();
+    assert_eq!(included, expected);
+    assert_eq!(
+        s.total(&format!("Observation?patient.identifier={NHS}|{nhs}"))
+            .await?,
+        2
+    );
+    assert_eq!(
+        s.total(&format!("Observation?patient.identifier={}", nhs))
+            .await?,
+        2,
+        "the chain also takes the bare NHS number"
+    );
+
+    // Included resources obey scopes: without Patient read, no Patient is included.
+    let obs_only = s.client(&identity("user/Observation.rs", None))?;
+    let bundle: Value = obs_only
+        .get(s.url(&format!(
+            "Observation?patient={p}&_include=Observation:patient"
+        )))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(modes(&bundle).iter().all(|(m, _)| m == "match"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_oversized_bundle_is_413_and_stores_nothing() -> Result<()> {
+    let s = TestServer::start_with(FhirStoreConfig {
+        max_body_bytes: 4096,
+        ..FhirStoreConfig::default()
+    })
+    .await?;
+    let entries: Vec<Value> = (0..40)
+        .map(|i| {
+            entry_post(
+                &format!("urn:uuid:{i}"),
+                patient("Big", &nhs_number(943479600 + i * 10), "1970"),
+            )
+        })
+        .collect();
+    let resp = s.post("", &bundle_of("transaction", entries)).await?;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_outcome(&resp.json().await?, "too-long");
+    assert_eq!(s.total("Patient").await?, 0);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bulk $export
+
+/// Polls an export status URL until the manifest is ready.
+async fn export_manifest(client: &reqwest::Client, status_url: &str) -> Result<Value> {
+    for _ in 0..200 {
+        let resp = client.get(status_url).send().await?;
+        match resp.status() {
+            StatusCode::ACCEPTED => {
+                ensure!(
+                    resp.headers().contains_key("x-progress"),
+                    "202 carries X-Progress"
+                );
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            StatusCode::OK => return Ok(resp.json().await?),
+            other => anyhow::bail!("export status: {other}"),
+        }
+    }
+    anyhow::bail!("export did not finish")
+}
+
+#[tokio::test]
+async fn bulk_export_writes_encrypted_ndjson_and_serves_it_decrypted() -> Result<()> {
+    let s = TestServer::start().await?;
+    let marker_nhs = nhs_number(943479700);
+    let p = s
+        .create(&patient("Exportfamily", &marker_nhs, "1966"))
+        .await?;
+    let other = s
+        .create(&patient("Other", &nhs_number(943479710), "1967"))
+        .await?;
+    s.create(&observation(&p, "7000", "2024-01-01")).await?;
+    s.create(&observation(&other, "7001", "2024-01-02")).await?;
+    let system = s.client(&identity("system/*.rs", None))?;
+
+    // Kick-off needs respond-async.
+    let resp = system.get(s.url("$export")).send().await?;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_outcome(&resp.json().await?, "invalid");
+    let resp = system
+        .get(s.url("$export"))
+        .header("prefer", "respond-async")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let status_url = resp
+        .headers()
+        .get("content-location")
+        .context("Content-Location")?
+        .to_str()?
+        .to_string();
+    let manifest = export_manifest(&system, &status_url).await?;
+    assert_eq!(manifest["requiresAccessToken"], true);
+    let outputs = manifest["output"].as_array().context("outputs")?;
+    let mut types: Vec<&str> = outputs.iter().filter_map(|o| o["type"].as_str()).collect();
+    types.sort();
+    assert_eq!(
+        types,
+        ["Observation", "Patient"],
+        "AuditEvents are not exported by default"
+    );
+    for output in outputs {
+        let url = output["url"].as_str().context("url")?;
+        let resp = system.get(url).send().await?;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let text = resp.text().await?;
+        let lines: Vec<Value> = text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        assert_eq!(
+            lines.len() as u64,
+            output["count"].as_u64().context("count")?
+        );
+        assert_eq!(lines.len(), 2);
+        assert!(lines.iter().all(|l| l["resourceType"] == output["type"]));
+        // Another person cannot fetch it.
+        let resp = s
+            .client(&{
+                let mut someone = identity("system/*.rs", None);
+                someone.subject = "someone-else".to_string();
+                someone
+            })?
+            .get(url)
+            .send()
+            .await?;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    }
+    // Nothing in the bucket is plaintext: the family name and NHS number appear nowhere.
+    let mut stack = vec![s.dir.path().join("objects")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path)?;
+                for needle in ["Exportfamily", marker_nhs.as_str()] {
+                    assert!(
+                        !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                        "{needle} in plaintext in {}",
+                        path.display()
+                    );
+                }
+            }
+        }
+    }
+
+    // _type and _since.
+    let resp = system
+        .get(s.url("$export?_type=Patient"))
+        .header("prefer", "respond-async")
+        .send()
+        .await?;
+    let url = resp
+        .headers()
+        .get("content-location")
+        .context("location")?
+        .to_str()?
+        .to_string();
+    let manifest = export_manifest(&system, &url).await?;
+    assert_eq!(manifest["output"].as_array().map(Vec::len), Some(1));
+    assert_eq!(manifest["output"][0]["type"], "Patient");
+    let resp = system
+        .get(s.url("$export?_since=2999-01-01T00:00:00Z"))
+        .header("prefer", "respond-async")
+        .send()
+        .await?;
+    let url = resp
+        .headers()
+        .get("content-location")
+        .context("location")?
+        .to_str()?
+        .to_string();
+    let manifest = export_manifest(&system, &url).await?;
+    assert_eq!(manifest["output"].as_array().map(Vec::len), Some(0));
+
+    // Patient-level export; DELETE cancels and forgets the job.
+    let resp = system
+        .get(s.url("Patient/$export?_type=Observation"))
+        .header("prefer", "respond-async")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let url = resp
+        .headers()
+        .get("content-location")
+        .context("location")?
+        .to_str()?
+        .to_string();
+    export_manifest(&system, &url).await?;
+    assert_eq!(
+        system.delete(&url).send().await?.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        system.get(&url).send().await?.status(),
+        StatusCode::NOT_FOUND
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bulk_export_refusals() -> Result<()> {
+    let s = TestServer::start().await?;
+    let system = s.client(&identity("system/*.rs", None))?;
+    for (query, status) in [
+        ("$export?_type=Spaceship", StatusCode::BAD_REQUEST),
+        ("$export?_since=yesterday", StatusCode::BAD_REQUEST),
+        ("$export?_outputFormat=text/csv", StatusCode::BAD_REQUEST),
+        ("$export?_elements=id", StatusCode::BAD_REQUEST),
+        (
+            "Patient/$export?_type=Practitioner",
+            StatusCode::BAD_REQUEST,
+        ),
+        ("$export-status/no-such-job", StatusCode::NOT_FOUND),
+        (
+            "$export-output/no-such-job/Patient.ndjson",
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let resp = system
+            .get(s.url(query))
+            .header("prefer", "respond-async")
+            .send()
+            .await?;
+        assert_eq!(resp.status(), status, "{query}");
+        assert_eq!(
+            resp.json::<Value>().await?["resourceType"],
+            "OperationOutcome",
+            "{query}"
+        );
+    }
+    // Type-limited scopes and patient-confined identities cannot export everything.
+    for who in [
+        identity("user/Observation.rs", None),
+        identity("patient/*.rs", Some("p1")),
+    ] {
+        let resp = s
+            .client(&who)?
+            .get(s.url("$export"))
+            .header("prefer", "respond-async")
+            .send()
+            .await?;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     }
     Ok(())
 }

@@ -28,7 +28,7 @@ pub use kube_cluster::KubeCluster;
 pub enum TestEnvError {
     #[error(
         "Go is not installed (no `go` on PATH): the test environment builds Kubernetes, etcd, \
-         helm and local-kms from Go modules; install Go ≥ {}.{}",
+         helm, local-kms and OpenTofu from Go modules; install Go ≥ {}.{}",
         tools::MIN_GO.0,
         tools::MIN_GO.1
     )]

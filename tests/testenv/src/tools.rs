@@ -1,7 +1,7 @@
 //! The tools of the test environment, built from source registries and cached.
 //!
 //! Nothing can be downloaded prebuilt on these machines, so every server is built: Kubernetes,
-//! etcd, helm and local-kms from the Go module proxy (pinned by the Go modules in
+//! etcd, helm, local-kms and OpenTofu from the Go module proxy (pinned by the Go modules in
 //! `tests/testenv/go/`), moto from PyPI (pinned in `tests/testenv/python/requirements.txt`).
 //!
 //! Invariants:
@@ -111,6 +111,19 @@ pub const LOCAL_KMS: Tool = Tool {
     },
 };
 
+/// OpenTofu, to check the Terraform modules under `terraform/` (`tofu fmt`, `tofu validate`).
+/// `version.dev=no` is what OpenTofu's release build sets, so `tofu version` prints `1.12.6`.
+pub const TOFU: Tool = Tool {
+    name: "tofu",
+    version: "v1.12.6",
+    executables: &["bin/tofu"],
+    recipe: Recipe::Go {
+        module_dir: "tofu",
+        packages: &["github.com/opentofu/opentofu/cmd/tofu"],
+        ldflags: "-X github.com/opentofu/opentofu/version.dev=no",
+    },
+};
+
 pub const MOTO: Tool = Tool {
     name: "moto",
     version: "5.2.5",
@@ -121,7 +134,7 @@ pub const MOTO: Tool = Tool {
 };
 
 /// Every tool, in the order `prepare` builds them (cheapest first).
-pub const ALL: &[&Tool] = &[&MOTO, &LOCAL_KMS, &ETCD, &HELM, &KUBERNETES];
+pub const ALL: &[&Tool] = &[&MOTO, &LOCAL_KMS, &ETCD, &HELM, &TOFU, &KUBERNETES];
 
 /// `~/.cache/shcr` (or `$SHCR_CACHE_DIR`).
 pub fn cache_root() -> Result<PathBuf, TestEnvError> {

@@ -553,7 +553,7 @@ mod tests {
         let a = resource(json!({
             "resourceType": "AuditEvent",
             "recorded": "2024-03-05T10:00:00Z",
-            "agent": [{"who": {"reference": "Practitioner/dr1"}, "requestor": true}],
+            "agent": [{"who": {"identifier": {"system": "https://fhir.nhs.uk/Id/sds-user-id", "value": "5550"}}, "requestor": true}],
             "entity": [{"what": {"reference": "Patient/p9"}}, {"what": {"reference": "Observation/o1"}}]
         }));
         let terms = index_terms(&a);
@@ -562,7 +562,10 @@ mod tests {
             !terms.iter().any(|t| t.param == "type"),
             "no presence entry for a parameter without values"
         );
-        assert_eq!(keys(&terms, "agent"), vec!["rPractitioner/dr1"]);
+        assert_eq!(
+            keys(&terms, "agent"),
+            vec!["thttps://fhir.nhs.uk/Id/sds-user-id|5550", "c5550"]
+        );
         assert_eq!(
             patient_compartment(&a),
             vec![ResourceId::parse("p9").unwrap()]

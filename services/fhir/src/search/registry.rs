@@ -228,18 +228,14 @@ const COMPOSITION: &[SearchParam] = &[
 const AUDIT_EVENT: &[SearchParam] = &[
     r("patient", &["entity.what"], PATIENT_ONLY),
     p("date", Date, &["recorded"]),
-    r(
-        "agent",
-        &["agent.who"],
-        &[
-            T::Practitioner,
-            T::PractitionerRole,
-            T::Organization,
-            T::Patient,
-        ],
-    ),
+    // The store's audit agents are people and organisations named by identifier (SDS user id,
+    // ODS code), not by reference, so `agent` is a token on the agent's identifier
+    // (`agent=https://fhir.nhs.uk/Id/ods-organization-code|A81001`, or the bare value).
+    p("agent", Token, &["agent.who.identifier"]),
     p("type", Token, &["type"]),
+    p("subtype", Token, &["subtype"]),
     p("action", Token, &["action"]),
+    p("outcome", Token, &["outcome"]),
 ];
 
 const GROUP: &[SearchParam] = &[p("identifier", Token, &["identifier"])];

@@ -1,12 +1,38 @@
 //! The CapabilityStatement served at `metadata`.
 //!
 //! Invariant: it lists exactly what [`super::http`] serves — the types, the interactions per
-//! type, the search parameters (from the same registry the search code uses) and operations —
-//! and nothing else, so a client can trust it.
+//! type, the search parameters and `_include`/`_revinclude` values (from the same registry the
+//! search code uses), operations, `batch`/`transaction` and system history, and the security
+//! model (the gateway's identity assertion) — and nothing else, so a client can trust it.
+//! Not listed because not served: system search, conditional update/delete/read, PATCH,
+//! `Group/$export`.
 
 use serde_json::{Value, json};
 use shcr_fhir::resource::ResourceType;
 use shcr_fhir::search::{ID, LAST_UPDATED, ParamKind, type_params};
+
+/// `Type:param` for every reference parameter of `t` (its `_include` values).
+fn includes(t: ResourceType) -> Vec<String> {
+    type_params(t)
+        .iter()
+        .filter(|p| p.kind == ParamKind::Reference)
+        .map(|p| format!("{t}:{}", p.name))
+        .collect()
+}
+
+/// `Source:param` for every reference parameter of any type that may point at `t` (the
+/// `_revinclude` values of a search on `t`).
+fn revincludes(t: ResourceType) -> Vec<String> {
+    ResourceType::ALL
+        .iter()
+        .flat_map(|&source| {
+            type_params(source)
+                .iter()
+                .filter(move |p| p.kind == ParamKind::Reference && p.targets.contains(&t))
+                .map(move |p| format!("{source}:{}", p.name))
+        })
+        .collect()
+}
 
 /// Whether clients may create, update and delete resources of this type. Audit events are
 /// written by the store itself, never by clients.
@@ -38,6 +64,12 @@ pub fn capability_statement(base: &str, date: &str) -> Value {
                         param["documentation"] =
                             json!("one level of chaining is supported, e.g. patient.identifier");
                     }
+                    if t == ResourceType::AuditEvent && p.name == "agent" {
+                        param["documentation"] = json!(
+                            "token on the agent's identifier: the person's SDS user id or the \
+                             organisation's ODS code (system|value or value)"
+                        );
+                    }
                     param
                 })
                 .collect();
@@ -55,12 +87,20 @@ pub fn capability_statement(base: &str, date: &str) -> Value {
                 "conditionalUpdate": false,
                 "conditionalDelete": "not-supported",
                 "searchParam": params,
+                "searchInclude": includes(t),
+                "searchRevInclude": revincludes(t),
             });
             if t == ResourceType::Patient {
-                resource["operation"] = json!([{
-                    "name": "everything",
-                    "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
-                }]);
+                resource["operation"] = json!([
+                    {
+                        "name": "everything",
+                        "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+                    },
+                    {
+                        "name": "export",
+                        "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export",
+                    },
+                ]);
             }
             resource
         })
@@ -76,8 +116,27 @@ pub fn capability_statement(base: &str, date: &str) -> Value {
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
+            "security": {
+                "cors": false,
+                "description": "Requests reach the store only through the ShCR gateway, which \
+                    authenticates the person (OIDC) and attaches a short-lived signed identity \
+                    assertion (x-shcr-identity, EdDSA) naming this care system; without a valid \
+                    one every interaction but metadata is 401. SMART v2 scopes in the assertion \
+                    are enforced (403), patient-scoped identities reach only their patient's \
+                    compartment, and every interaction is recorded as an AuditEvent.",
+            },
             "resource": resources,
-            "interaction": [{"code": "history-system"}],
+            "interaction": [
+                {"code": "history-system"},
+                {"code": "batch"},
+                {"code": "transaction"},
+            ],
+            "operation": [{
+                "name": "export",
+                "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
+                "documentation": "Prefer: respond-async; _type, _since; NDJSON per type, \
+                    encrypted at rest, downloaded through this API by the requester",
+            }],
         }],
     })
 }

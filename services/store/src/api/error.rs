@@ -8,6 +8,7 @@
 use shcr_fhir::outcome::{IssueType, OperationOutcome, Severity, ToOutcome};
 use shcr_fhir::resource::{ResourceError, ResourceType};
 use shcr_fhir::search::SearchError;
+use shcr_identity::{AssertionError, Interaction};
 
 use crate::engine::EngineError;
 use crate::tenant::TenantError;
@@ -84,6 +85,35 @@ pub enum ApiError {
     StorageUnavailable,
     #[error("the record store failed to process the request")]
     Internal,
+    #[error("{0}")]
+    Unauthenticated(AssertionError),
+    #[error(
+        "the identity's scopes do not permit {interaction} of {}",
+        resource_type.map_or("every resource type".to_string(), |t| t.to_string())
+    )]
+    ScopeDenied {
+        interaction: Interaction,
+        resource_type: Option<ResourceType>,
+    },
+    #[error("not permitted: {0}")]
+    Forbidden(&'static str),
+    #[error("invalid Bundle: {0}")]
+    InvalidBundle(&'static str),
+    #[error("invalid $export request: {0}")]
+    InvalidExport(&'static str),
+    #[error("$export runs asynchronously: send Prefer: respond-async")]
+    RespondAsyncRequired,
+    #[error("no such export job (jobs are kept in memory and end with a restart or DELETE)")]
+    NoSuchExport,
+    #[error("the export job failed: start it again")]
+    ExportFailed,
+    #[error("Bundle.entry[{index}]: {source}")]
+    Entry { index: usize, source: Box<ApiError> },
+    #[error(
+        "the identity is confined to one patient's records and this resource is not in that \
+         patient's compartment"
+    )]
+    OutsideCompartment,
 }
 
 impl ApiError {
@@ -119,6 +149,10 @@ impl ToOutcome for ApiError {
     fn status(&self) -> u16 {
         match self {
             Self::Resource(e) => e.status(),
+            Self::Entry { source, .. } => source.status(),
+            Self::InvalidBundle(_) | Self::InvalidExport(_) | Self::RespondAsyncRequired => 400,
+            Self::NoSuchExport => 404,
+            Self::ExportFailed => 500,
             Self::Search(e) => e.status(),
             Self::UnknownResourceType
             | Self::NotFound { .. }
@@ -136,6 +170,8 @@ impl ToOutcome for ApiError {
             | Self::Unsupported(_)
             | Self::TooCostly { .. } => 400,
             Self::MethodNotAllowed | Self::ReadOnlyType { .. } => 405,
+            Self::Unauthenticated(_) => 401,
+            Self::ScopeDenied { .. } | Self::Forbidden(_) | Self::OutsideCompartment => 403,
             Self::Gone { .. } => 410,
             Self::VersionConflict { .. } | Self::MultipleMatches { .. } => 412,
             Self::BodyTooLarge { .. } => 413,
@@ -148,6 +184,28 @@ impl ToOutcome for ApiError {
         let code = match self {
             Self::Resource(e) => return e.outcome(),
             Self::Search(e) => return e.outcome(),
+            Self::Entry { index, source } => {
+                let mut outcome = source.outcome();
+                for issue in &mut outcome.issues {
+                    issue.diagnostics = Some(match issue.diagnostics.take() {
+                        Some(d) => format!("Bundle.entry[{index}]: {d}"),
+                        None => format!("Bundle.entry[{index}]"),
+                    });
+                    if issue.expression.is_empty() {
+                        issue.expression.push(format!("Bundle.entry[{index}]"));
+                    } else {
+                        for e in &mut issue.expression {
+                            *e = format!("Bundle.entry[{index}].resource.{e}");
+                        }
+                    }
+                }
+                return outcome;
+            }
+            Self::InvalidBundle(_) | Self::InvalidExport(_) | Self::RespondAsyncRequired => {
+                IssueType::Invalid
+            }
+            Self::NoSuchExport => IssueType::NotFound,
+            Self::ExportFailed => IssueType::Exception,
             Self::UnknownResourceType
             | Self::NoSuchInteraction
             | Self::MethodNotAllowed
@@ -169,6 +227,10 @@ impl ToOutcome for ApiError {
             Self::TooCostly { .. } => IssueType::TooCostly,
             Self::KeyUnavailable | Self::Fenced | Self::StorageUnavailable => IssueType::Transient,
             Self::Internal => IssueType::Exception,
+            Self::Unauthenticated(_) => IssueType::Login,
+            Self::ScopeDenied { .. } | Self::Forbidden(_) | Self::OutsideCompartment => {
+                IssueType::Forbidden
+            }
         };
         let expression = match self {
             Self::IdMismatch => Some("id"),

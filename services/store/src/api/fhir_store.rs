@@ -26,15 +26,19 @@
 
 use std::collections::BTreeSet;
 use std::hash::{BuildHasher, RandomState};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use shcr_fhir::datetime::format_instant;
 use shcr_fhir::resource::{Resource, ResourceId, ResourceType};
 use shcr_fhir::search::{SearchQuery, index_terms, patient_compartment};
+use shcr_identity::Identity;
 use tokio::sync::{Mutex, MutexGuard};
 
+use super::audit::{AuditSlot, AuditWriter, audit_event};
 use super::error::ApiError;
+use super::export::ExportJobs;
 use crate::care_system::CareSystemName;
 use crate::engine::{Commit, Element, Family, Key};
 use crate::tenant::{TenantDatabase, TenantHealth};
@@ -179,7 +183,12 @@ pub struct WriteOutcome {
 
 /// The FHIR record store of one care system.
 pub struct FhirStore {
-    db: TenantDatabase,
+    db: Arc<TenantDatabase>,
+    /// The background writer of audit events other than writes' (started on first use, on the
+    /// runtime of the request that needed it).
+    audit: OnceLock<AuditWriter>,
+    /// Bulk export jobs of this process.
+    exports: ExportJobs,
     config: FhirStoreConfig,
     write_locks: Vec<Mutex<()>>,
     lock_hasher: RandomState,
@@ -191,7 +200,9 @@ pub struct FhirStore {
 impl FhirStore {
     pub fn new(db: TenantDatabase, config: FhirStoreConfig) -> Self {
         Self {
-            db,
+            db: Arc::new(db),
+            audit: OnceLock::new(),
+            exports: ExportJobs::default(),
             config,
             write_locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             lock_hasher: RandomState::new(),
@@ -209,6 +220,24 @@ impl FhirStore {
 
     pub fn database(&self) -> &TenantDatabase {
         &self.db
+    }
+
+    pub(crate) fn exports(&self) -> &ExportJobs {
+        &self.exports
+    }
+
+    pub(crate) fn audit_writer(&self) -> &AuditWriter {
+        self.audit
+            .get_or_init(|| AuditWriter::spawn(self.db.clone()))
+    }
+
+    /// Waits (up to `timeout`) until every queued AuditEvent is durable; returns how many are
+    /// still queued. Call it on shutdown, before closing the database.
+    pub async fn flush_audit(&self, timeout: Duration) -> u64 {
+        match self.audit.get() {
+            Some(writer) => writer.flush(timeout).await,
+            None => 0,
+        }
     }
 
     /// Fails fast with 503 when the tenant cannot serve (fenced, closed, key unavailable).
@@ -234,18 +263,30 @@ impl FhirStore {
         resource_type: ResourceType,
         body: &[u8],
     ) -> Result<WriteOutcome, ApiError> {
+        self.create_audited(resource_type, body, None).await
+    }
+
+    pub(crate) async fn create_audited(
+        &self,
+        resource_type: ResourceType,
+        body: &[u8],
+        audit: Option<WriteAudit<'_>>,
+    ) -> Result<WriteOutcome, ApiError> {
         let resource = Resource::parse(body, Some(resource_type))?;
-        self.create_new(resource).await
+        self.create_new(resource, audit).await
     }
 
     /// Stores `resource` under a fresh server-assigned id (replacing any id it carries).
-    async fn create_new(&self, mut resource: Resource) -> Result<WriteOutcome, ApiError> {
+    async fn create_new(
+        &self,
+        mut resource: Resource,
+        audit: Option<WriteAudit<'_>>,
+    ) -> Result<WriteOutcome, ApiError> {
         let resource_type = resource.resource_type();
-        let id =
-            ResourceId::parse(&uuid::Uuid::new_v4().to_string()).map_err(|_| ApiError::Internal)?;
+        let id = new_id()?;
         resource.set_id(id.clone());
         let _guard = self.lock(resource_type, &id).await;
-        self.write_version(resource_type, &id, None, Some(resource))
+        self.write_version(resource_type, &id, None, Some(resource), audit)
             .await
     }
 
@@ -259,6 +300,17 @@ impl FhirStore {
         resource_type: ResourceType,
         body: &[u8],
         condition: &SearchQuery,
+    ) -> Result<WriteOutcome, ApiError> {
+        self.create_if_none_exist_audited(resource_type, body, condition, None)
+            .await
+    }
+
+    pub(crate) async fn create_if_none_exist_audited(
+        &self,
+        resource_type: ResourceType,
+        body: &[u8],
+        condition: &SearchQuery,
+        audit: Option<WriteAudit<'_>>,
     ) -> Result<WriteOutcome, ApiError> {
         if condition.filters.is_empty() || condition.resource_type != resource_type {
             return Err(ApiError::InvalidCondition);
@@ -284,7 +336,7 @@ impl FhirStore {
             }
             _ => return Err(ApiError::MultipleMatches { resource_type }),
         }
-        self.create_new(resource).await
+        self.create_new(resource, audit).await
     }
 
     /// `update` (and update-as-create): `if_match` is the version the client last read.
@@ -294,6 +346,18 @@ impl FhirStore {
         id: &ResourceId,
         body: &[u8],
         if_match: Option<u64>,
+    ) -> Result<WriteOutcome, ApiError> {
+        self.update_audited(resource_type, id, body, if_match, None)
+            .await
+    }
+
+    pub(crate) async fn update_audited(
+        &self,
+        resource_type: ResourceType,
+        id: &ResourceId,
+        body: &[u8],
+        if_match: Option<u64>,
+        audit: Option<WriteAudit<'_>>,
     ) -> Result<WriteOutcome, ApiError> {
         let resource = Resource::parse(body, Some(resource_type))?;
         if resource.id() != Some(id) {
@@ -318,7 +382,7 @@ impl FhirStore {
                 }
             }
         }
-        self.write_version(resource_type, id, current, Some(resource))
+        self.write_version(resource_type, id, current, Some(resource), audit)
             .await
     }
 
@@ -329,9 +393,21 @@ impl FhirStore {
         resource_type: ResourceType,
         id: &ResourceId,
     ) -> Result<WriteOutcome, ApiError> {
+        self.delete_audited(resource_type, id, None).await
+    }
+
+    pub(crate) async fn delete_audited(
+        &self,
+        resource_type: ResourceType,
+        id: &ResourceId,
+        audit: Option<WriteAudit<'_>>,
+    ) -> Result<WriteOutcome, ApiError> {
         let _guard = self.lock(resource_type, id).await;
         match self.current(resource_type, id).await? {
-            Some(c) if !c.deleted => self.write_version(resource_type, id, Some(c), None).await,
+            Some(c) if !c.deleted => {
+                self.write_version(resource_type, id, Some(c), None, audit)
+                    .await
+            }
             other => Ok(WriteOutcome {
                 stored: StoredVersion {
                     resource_type,
@@ -346,15 +422,42 @@ impl FhirStore {
         }
     }
 
-    /// Builds and commits one version. The caller holds the resource's write lock and has read
-    /// `previous` under it.
+    /// Builds and commits one version, with its AuditEvent when `audit` is given. The caller
+    /// holds the resource's write lock and has read `previous` under it.
     async fn write_version(
         &self,
         resource_type: ResourceType,
         id: &ResourceId,
         previous: Option<CurrentPointer>,
         resource: Option<Resource>,
+        audit: Option<WriteAudit<'_>>,
     ) -> Result<WriteOutcome, ApiError> {
+        let mut commit = Commit::new();
+        let (outcome, patients) = self
+            .stage_version(&mut commit, resource_type, id, previous, resource)
+            .await?;
+        if let Some(audit) = &audit {
+            audit.stage(&mut commit, &outcome, patients.clone())?;
+        }
+        self.db.commit(commit).await?;
+        if let Some(audit) = &audit {
+            audit.committed(&outcome, patients);
+        }
+        Ok(outcome)
+    }
+
+    /// Adds one version of a resource to `commit`: the version, the current pointer, the
+    /// history entry and the index and compartment changes. Returns what the write will do and
+    /// the patients whose compartment the resource was or will be in. The caller holds the
+    /// resource's write lock and has read `previous` under it.
+    pub(crate) async fn stage_version(
+        &self,
+        commit: &mut Commit,
+        resource_type: ResourceType,
+        id: &ResourceId,
+        previous: Option<CurrentPointer>,
+        resource: Option<Resource>,
+    ) -> Result<(WriteOutcome, BTreeSet<ResourceId>), ApiError> {
         let version = previous.map_or(1, |p| p.version + 1);
         // Timestamps of one resource strictly increase, even if the clock steps back.
         let last_updated = now_micros().max(previous.map_or(i64::MIN, |p| p.last_updated + 1));
@@ -373,7 +476,6 @@ impl FhirStore {
         let json = new.as_ref().map(Resource::to_bytes);
         let type_name = resource_type.as_str();
 
-        let mut commit = Commit::new();
         commit.put(
             &Key::new(
                 Family::Version,
@@ -410,22 +512,17 @@ impl FhirStore {
         for (param, value) in new_terms.difference(&old_terms) {
             commit.put(&index_key(type_name, param, value, id), Bytes::new());
         }
-        let old_patients: BTreeSet<ResourceId> = old
-            .as_ref()
-            .map(|r| patient_compartment(r).into_iter().collect())
-            .unwrap_or_default();
-        let new_patients: BTreeSet<ResourceId> = new
-            .as_ref()
-            .map(|r| patient_compartment(r).into_iter().collect())
-            .unwrap_or_default();
+        let old_patients: BTreeSet<ResourceId> =
+            old.as_ref().map(compartment_of).unwrap_or_default();
+        let new_patients: BTreeSet<ResourceId> =
+            new.as_ref().map(compartment_of).unwrap_or_default();
         for patient in old_patients.difference(&new_patients) {
             commit.delete(&compartment_key(patient, type_name, id));
         }
         for patient in new_patients.difference(&old_patients) {
             commit.put(&compartment_key(patient, type_name, id), Bytes::new());
         }
-        self.db.commit(commit).await?;
-        Ok(WriteOutcome {
+        let outcome = WriteOutcome {
             stored: StoredVersion {
                 resource_type,
                 id: id.clone(),
@@ -435,7 +532,9 @@ impl FhirStore {
             },
             created: previous.is_none_or(|p| p.deleted),
             changed: true,
-        })
+        };
+        let patients = old_patients.union(&new_patients).cloned().collect();
+        Ok((outcome, patients))
     }
 
     pub(crate) async fn current(
@@ -576,8 +675,8 @@ impl FhirStore {
         Ok(versions)
     }
 
-    /// Type and system `_history`: versions of every resource (of `resource_type`, when given)
-    /// written at or after `since` (micros), newest first, `count` per page; `before` is the
+    /// Type and system `_history`: versions of every resource (of `resource_type`, when given;
+    /// system history leaves out AuditEvents) written at or after `since` (micros), newest first, `count` per page; `before` is the
     /// cursor of the previous page.
     ///
     /// Reads the history entries since `since` in one pass, so without `_since` a long history
@@ -609,7 +708,13 @@ impl FhirStore {
                 return Err(corrupt("history key"));
             };
             let t: ResourceType = t.parse().map_err(|_| corrupt("history type"))?;
-            if resource_type.is_none_or(|wanted| wanted == t) {
+            // System history leaves out the store's own AuditEvents (read them with
+            // `AuditEvent/_history` or an AuditEvent search): every read adds one.
+            let wanted = match resource_type {
+                Some(wanted) => wanted == t,
+                None => t != ResourceType::AuditEvent,
+            };
+            if wanted {
                 entries.push((key.encode(), t, id.clone(), *version));
             }
         }
@@ -662,6 +767,147 @@ impl FhirStore {
         Ok(members)
     }
 
+    /// Locks the conditional-create locks of `types` (in a fixed order, so concurrent callers
+    /// cannot deadlock), as a transaction with conditional creates needs.
+    pub(crate) async fn lock_types(
+        &self,
+        types: &BTreeSet<ResourceType>,
+    ) -> Result<Vec<MutexGuard<'_, ()>>, ApiError> {
+        let mut slots: Vec<usize> = types
+            .iter()
+            .map(|t| ResourceType::ALL.iter().position(|a| a == t))
+            .collect::<Option<_>>()
+            .ok_or(ApiError::Internal)?;
+        slots.sort_unstable();
+        let mut guards = Vec::with_capacity(slots.len());
+        for slot in slots {
+            guards.push(self.conditional_locks[slot].lock().await);
+        }
+        Ok(guards)
+    }
+
+    /// A transaction: every write in one atomic commit, with one AuditEvent, or nothing. The
+    /// write locks of all targets are taken in stripe order (no deadlock between transactions);
+    /// a failing entry is reported with its index. Targets must be distinct (the caller checks).
+    pub(crate) async fn commit_transaction(
+        &self,
+        writes: Vec<TxWrite>,
+        audit: Option<WriteAudit<'_>>,
+    ) -> Result<Vec<WriteOutcome>, (Option<usize>, ApiError)> {
+        let mut stripes: Vec<usize> = writes
+            .iter()
+            .map(|w| {
+                let (t, id) = w.target();
+                (self.lock_hasher.hash_one((t, id)) % LOCK_STRIPES as u64) as usize
+            })
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for stripe in stripes {
+            guards.push(self.write_locks[stripe].lock().await);
+        }
+        let mut commit = Commit::new();
+        let mut outcomes = Vec::with_capacity(writes.len());
+        let mut patients = BTreeSet::new();
+        for (index, write) in writes.into_iter().enumerate() {
+            let at = |e| (Some(index), e);
+            let (resource_type, id) = write.target();
+            let (resource_type, id) = (resource_type, id.clone());
+            let current = self.current(resource_type, &id).await.map_err(at)?;
+            let staged = match write {
+                TxWrite::Create { resource, .. } => {
+                    if current.is_some() {
+                        return Err(at(ApiError::Internal));
+                    }
+                    Some(
+                        self.stage_version(&mut commit, resource_type, &id, None, Some(resource))
+                            .await,
+                    )
+                }
+                TxWrite::Update {
+                    resource, if_match, ..
+                } => {
+                    if let Some(expected) = if_match {
+                        match current {
+                            Some(c) if !c.deleted && c.version == expected => {}
+                            Some(c) if !c.deleted => {
+                                return Err(at(ApiError::VersionConflict {
+                                    expected,
+                                    current: c.version.to_string(),
+                                }));
+                            }
+                            _ => {
+                                return Err(at(ApiError::VersionConflict {
+                                    expected,
+                                    current: "none (the resource does not exist)".to_string(),
+                                }));
+                            }
+                        }
+                    }
+                    Some(
+                        self.stage_version(
+                            &mut commit,
+                            resource_type,
+                            &id,
+                            current,
+                            Some(resource),
+                        )
+                        .await,
+                    )
+                }
+                TxWrite::Delete { .. } => match current {
+                    Some(c) if !c.deleted => Some(
+                        self.stage_version(&mut commit, resource_type, &id, Some(c), None)
+                            .await,
+                    ),
+                    other => {
+                        outcomes.push(WriteOutcome {
+                            stored: StoredVersion {
+                                resource_type,
+                                id: id.clone(),
+                                version: other.map_or(0, |c| c.version),
+                                last_updated: other.map_or(0, |c| c.last_updated),
+                                body: None,
+                            },
+                            created: false,
+                            changed: false,
+                        });
+                        None
+                    }
+                },
+            };
+            if let Some(staged) = staged {
+                let (outcome, touched) = staged.map_err(at)?;
+                patients.extend(touched);
+                outcomes.push(outcome);
+            }
+        }
+        if let Some(audit) = &audit {
+            audit
+                .stage_many(&mut commit, &outcomes, patients.clone())
+                .map_err(|e| (None, e))?;
+        }
+        self.db.commit(commit).await.map_err(|e| (None, e.into()))?;
+        drop(guards);
+        if let Some(audit) = &audit {
+            audit.committed_many(&outcomes, patients);
+        }
+        Ok(outcomes)
+    }
+
+    /// Whether `resource_type/id` is, in its current version, in `patient`'s compartment (the
+    /// patient itself included).
+    pub async fn in_compartment(
+        &self,
+        patient: &ResourceId,
+        resource_type: ResourceType,
+        id: &ResourceId,
+    ) -> Result<bool, ApiError> {
+        let key = compartment_key(patient, resource_type.as_str(), id);
+        Ok(self.db.get(&key).await?.is_some())
+    }
+
     /// Every entry in `[start, end)`, refusing more than `max_search_matches`.
     pub(crate) async fn scan_all(
         &self,
@@ -687,6 +933,169 @@ impl FhirStore {
             }
         }
     }
+}
+
+/// Who wrote a version, so its AuditEvent goes into the same commit.
+#[derive(Clone, Copy)]
+pub(crate) struct WriteAudit<'a> {
+    pub identity: &'a Identity,
+    pub slot: &'a AuditSlot,
+}
+
+/// One write of a transaction, validated, with its target id fixed (creates get a fresh id
+/// before references are resolved; an update's resource carries the URL's id).
+pub(crate) enum TxWrite {
+    Create {
+        id: ResourceId,
+        resource: Resource,
+    },
+    Update {
+        id: ResourceId,
+        resource: Resource,
+        if_match: Option<u64>,
+    },
+    Delete {
+        resource_type: ResourceType,
+        id: ResourceId,
+    },
+}
+
+impl TxWrite {
+    fn target(&self) -> (ResourceType, &ResourceId) {
+        match self {
+            Self::Create { id, resource } | Self::Update { id, resource, .. } => {
+                (resource.resource_type(), id)
+            }
+            Self::Delete { resource_type, id } => (*resource_type, id),
+        }
+    }
+}
+
+impl WriteAudit<'_> {
+    fn stage_many(
+        &self,
+        commit: &mut Commit,
+        outcomes: &[WriteOutcome],
+        patients: BTreeSet<ResourceId>,
+    ) -> Result<(), ApiError> {
+        let mut facts = self.slot.with(|f| f.clone());
+        facts.others = outcomes
+            .iter()
+            .map(|o| (o.stored.resource_type, o.stored.id.clone()))
+            .collect();
+        facts.add_patients(patients);
+        let now = now_micros();
+        let event = audit_event(self.identity, &facts, 200, now).ok_or(ApiError::Internal)?;
+        stage_new(commit, event, now)?;
+        Ok(())
+    }
+
+    fn committed_many(&self, outcomes: &[WriteOutcome], patients: BTreeSet<ResourceId>) {
+        self.slot.with(|f| {
+            f.others = outcomes
+                .iter()
+                .map(|o| (o.stored.resource_type, o.stored.id.clone()))
+                .collect();
+            f.add_patients(patients);
+            f.recorded = true;
+        });
+    }
+
+    fn stage(
+        &self,
+        commit: &mut Commit,
+        outcome: &WriteOutcome,
+        patients: BTreeSet<ResourceId>,
+    ) -> Result<(), ApiError> {
+        let mut facts = self.slot.with(|f| f.clone());
+        facts.resource = Some((outcome.stored.resource_type, outcome.stored.id.clone()));
+        facts.add_patients(patients);
+        let status = if outcome.created { 201 } else { 200 };
+        let event = audit_event(self.identity, &facts, status, outcome.stored.last_updated)
+            .ok_or(ApiError::Internal)?;
+        stage_new(commit, event, outcome.stored.last_updated)?;
+        Ok(())
+    }
+
+    fn committed(&self, outcome: &WriteOutcome, patients: BTreeSet<ResourceId>) {
+        self.slot.with(|f| {
+            f.resource = Some((outcome.stored.resource_type, outcome.stored.id.clone()));
+            f.add_patients(patients);
+            f.recorded = true;
+        });
+    }
+}
+
+/// A fresh server-assigned id.
+pub(crate) fn new_id() -> Result<ResourceId, ApiError> {
+    ResourceId::parse(&uuid::Uuid::new_v4().to_string()).map_err(|_| ApiError::Internal)
+}
+
+/// Adds `resource` to `commit` as version 1 of a new resource under a fresh id, stamped
+/// `last_updated`: no read and no lock needed, since nothing else can know the id yet.
+pub(crate) fn stage_new(
+    commit: &mut Commit,
+    mut resource: Resource,
+    last_updated: i64,
+) -> Result<StoredVersion, ApiError> {
+    let resource_type = resource.resource_type();
+    let type_name = resource_type.as_str();
+    let id = new_id()?;
+    resource.set_id(id.clone());
+    let instant = format_instant(last_updated).ok_or(ApiError::Internal)?;
+    resource.set_meta("1", &instant);
+    let json = resource.to_bytes();
+    commit.put(
+        &Key::new(
+            Family::Version,
+            [type_name.into(), id.as_str().into(), 1u64.into()],
+        ),
+        VersionRecord::encode(last_updated, Some(&json)),
+    );
+    commit.put(
+        &Key::new(Family::Current, [type_name.into(), id.as_str().into()]),
+        CurrentPointer {
+            version: 1,
+            deleted: false,
+            last_updated,
+        }
+        .encode(),
+    );
+    commit.put(
+        &Key::new(
+            Family::History,
+            [
+                Element::U64(history_ts(last_updated)),
+                type_name.into(),
+                id.as_str().into(),
+                1u64.into(),
+            ],
+        ),
+        Bytes::new(),
+    );
+    for (param, value) in index_keys(&resource) {
+        commit.put(&index_key(type_name, param, &value, &id), Bytes::new());
+    }
+    for patient in compartment_of(&resource) {
+        commit.put(&compartment_key(&patient, type_name, &id), Bytes::new());
+    }
+    Ok(StoredVersion {
+        resource_type,
+        id,
+        version: 1,
+        last_updated,
+        body: Some(Bytes::from(json)),
+    })
+}
+
+/// The patient compartments a resource is stored in. AuditEvents are indexed (so
+/// `AuditEvent?patient=` works) but kept out of the compartment, so `$everything` and
+/// compartment checks do not grow with every access to a record.
+fn compartment_of(resource: &Resource) -> BTreeSet<ResourceId> {
+    if resource.resource_type() == ResourceType::AuditEvent {
+        return BTreeSet::new();
+    }
+    patient_compartment(resource).into_iter().collect()
 }
 
 /// The `(param, value key)` pairs a resource is indexed under.

@@ -16,29 +16,39 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
 use shcr_fhir::datetime::format_instant;
 use shcr_fhir::datetime::{DateRange, Strictness};
-use shcr_fhir::outcome::{Issue, IssueType, OperationOutcome, Severity, ToOutcome};
+use shcr_fhir::outcome::{IssueType, OperationOutcome, Severity, ToOutcome};
 use shcr_fhir::resource::{ResourceId, ResourceType};
-use shcr_fhir::search::{DEFAULT_COUNT, MAX_COUNT, SearchQuery};
+use shcr_fhir::search::{DEFAULT_COUNT, MAX_COUNT, SearchQuery, patient_compartment};
+use shcr_identity::{AssertionVerifier, Identity, Interaction};
 
+use super::audit::{AuditInteraction, AuditSlot};
+use super::auth::{Access, AuthState, authenticate};
 use super::capability::{capability_statement, client_writable};
 use super::error::ApiError;
-use super::fhir_store::{FhirStore, StoredVersion, WriteOutcome, now_micros};
+use super::fhir_store::{FhirStore, StoredVersion, WriteAudit, WriteOutcome, now_micros};
 
 const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
 /// The FHIR API of `store`, to be served at the root (its routes start `/{care-system}/fhir`).
-pub fn router(store: Arc<FhirStore>) -> Router {
+/// Every request but `metadata` must carry an identity assertion `verifier` accepts for this
+/// store's care system (see [`super::auth`]).
+pub fn router(store: Arc<FhirStore>, verifier: AssertionVerifier) -> Router {
+    let auth = AuthState {
+        store: store.clone(),
+        verifier,
+    };
     Router::new()
         .route("/{care_system}/fhir/metadata", get(metadata))
+        .route("/{care_system}/fhir", post(bundle))
         .route(
             "/{care_system}/fhir/{resource_type}",
             get(search).post(create),
@@ -57,6 +67,11 @@ pub fn router(store: Arc<FhirStore>) -> Router {
         )
         .fallback(no_such_interaction)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            store.clone(),
+            super::audit::record,
+        ))
+        .layer(axum::middleware::from_fn_with_state(auth, authenticate))
         .with_state(store)
 }
 
@@ -70,6 +85,12 @@ impl IntoResponse for ApiError {
             tracing::debug!(status = status.as_u16(), error = %self, "FHIR request refused");
         }
         let mut response = fhir_json(status, &self.outcome().to_json());
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("X-ShCR-Identity realm=\"shcr-store\""),
+            );
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
@@ -270,8 +291,98 @@ async fn metadata(
     ))
 }
 
+/// `batch` and `transaction` Bundles (see [`super::bundle`]).
+async fn bundle(
+    State(store): State<Arc<FhirStore>>,
+    Path(care_system): Path<String>,
+    Extension(identity): Extension<Arc<Identity>>,
+    Extension(audit): Extension<AuditSlot>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let base = base_url(&store, &care_system, &headers)?;
+    let body = read_body(body, &headers, store.config().max_body_bytes).await?;
+    let prefer = prefer(&headers);
+    let response = super::bundle::process(
+        &store,
+        &identity,
+        &audit,
+        &base,
+        &body,
+        prefer.return_minimal,
+    )
+    .await?;
+    Ok(fhir_json(StatusCode::OK, &response))
+}
+
+/// `$export` kick-off (system level, or `Patient/$export`).
+async fn export_kickoff(
+    store: &Arc<FhirStore>,
+    identity: &Identity,
+    audit: &AuditSlot,
+    base: &str,
+    raw: Option<&str>,
+    headers: &HeaderMap,
+    patient_level: bool,
+) -> ApiResult {
+    audit.set(AuditInteraction::Operation, None, None);
+    audit.with(|f| f.operation = Some("$export"));
+    let access = Access::new(identity);
+    access.require_all_types(Interaction::Read)?;
+    access.require_unconfined("bulk export")?;
+    let respond_async = headers.get_all("prefer").iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split([',', ';']).any(|t| t.trim() == "respond-async"))
+    });
+    if !respond_async {
+        return Err(ApiError::RespondAsyncRequired);
+    }
+    let pairs = query_pairs(raw);
+    let path = if patient_level {
+        "Patient/$export"
+    } else {
+        "$export"
+    };
+    let request_url = match raw {
+        Some(q) if !q.is_empty() => format!("{base}/{path}?{q}"),
+        _ => format!("{base}/{path}"),
+    };
+    let request = super::export::parse_request(&pairs, patient_level, request_url)?;
+    store.check_ready().await?;
+    let job = store
+        .exports()
+        .start(store.clone(), &identity.subject, request, base.to_string())
+        .await?;
+    let location = format!("{base}/$export-status/{job}");
+    Response::builder()
+        .status(StatusCode::ACCEPTED)
+        .header(header::CONTENT_LOCATION, location)
+        .body(Body::empty())
+        .map_err(|_| ApiError::Internal)
+}
+
+/// `$export` status polling: 202 with `X-Progress` while running, 200 with the manifest.
+async fn export_status(store: &FhirStore, identity: &Identity, job: &str) -> ApiResult {
+    match store.exports().status(job, &identity.subject).await? {
+        Err(progress) => Response::builder()
+            .status(StatusCode::ACCEPTED)
+            .header("x-progress", progress)
+            .header(header::RETRY_AFTER, "1")
+            .body(Body::empty())
+            .map_err(|_| ApiError::Internal),
+        Ok(manifest) => Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_vec(&manifest).unwrap_or_default(),
+        )
+            .into_response()),
+    }
+}
+
 async fn create(
     State(store): State<Arc<FhirStore>>,
+    Extension(identity): Extension<Arc<Identity>>,
+    Extension(audit): Extension<AuditSlot>,
     Path((care_system, resource_type)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
@@ -281,6 +392,9 @@ async fn create(
     if !client_writable(resource_type) {
         return Err(ApiError::ReadOnlyType { resource_type });
     }
+    audit.set(AuditInteraction::Create, Some(resource_type), None);
+    let access = Access::new(&identity);
+    access.require(resource_type, Interaction::Create)?;
     let prefer = prefer(&headers);
     let condition = match headers.get("if-none-exist") {
         Some(value) => {
@@ -296,32 +410,72 @@ async fn create(
         None => None,
     };
     let body = read_body(body, &headers, store.config().max_body_bytes).await?;
+    confined_write(&access, resource_type, &body, true)?;
     store.check_ready().await?;
+    let writer = Some(WriteAudit {
+        identity: &identity,
+        slot: &audit,
+    });
     let outcome = match &condition {
         Some(condition) => {
             store
-                .create_if_none_exist(resource_type, &body, condition)
+                .create_if_none_exist_audited(resource_type, &body, condition, writer)
                 .await?
         }
-        None => store.create(resource_type, &body).await?,
+        None => store.create_audited(resource_type, &body, writer).await?,
     };
+    if !outcome.changed {
+        audit.with(|f| {
+            f.resource = Some((resource_type, outcome.stored.id.clone()));
+            f.add_patients_of(&outcome.stored);
+        });
+    }
     Ok(write_response(&outcome, &base, prefer))
 }
 
 async fn read(
     State(store): State<Arc<FhirStore>>,
+    Extension(identity): Extension<Arc<Identity>>,
+    Extension(audit): Extension<AuditSlot>,
     Path((care_system, resource_type, id)): Path<(String, String, String)>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> ApiResult {
     let base = base_url(&store, &care_system, &headers)?;
+    if resource_type == "$export-status" {
+        audit.set(AuditInteraction::Operation, None, None);
+        audit.with(|f| f.operation = Some("$export-status"));
+        return export_status(&store, &identity, &id).await;
+    }
+    if resource_type == "Patient" && id == "$export" {
+        return export_kickoff(
+            &store,
+            &identity,
+            &audit,
+            &base,
+            raw.as_deref(),
+            &headers,
+            true,
+        )
+        .await;
+    }
     let resource_type = parse_type(&resource_type)?;
+    let access = Access::new(&identity);
     if id == "_history" {
+        audit.set(AuditInteraction::HistoryType, Some(resource_type), None);
+        access.require(resource_type, Interaction::Read)?;
+        access.require_unconfined("history across patients")?;
         return changes(&store, &base, Some(resource_type), raw.as_deref()).await;
     }
     let id = parse_id(&id)?;
+    audit.set(AuditInteraction::Read, Some(resource_type), Some(&id));
+    access.require(resource_type, Interaction::Read)?;
     store.check_ready().await?;
+    access
+        .require_in_compartment(&store, resource_type, &id)
+        .await?;
     let stored = store.read(resource_type, &id).await?;
+    audit.with(|f| f.add_patients_of(&stored));
     Ok(version_response(
         StatusCode::OK,
         &stored,
@@ -333,6 +487,8 @@ async fn read(
 
 async fn vread(
     State(store): State<Arc<FhirStore>>,
+    Extension(identity): Extension<Arc<Identity>>,
+    Extension(audit): Extension<AuditSlot>,
     Path((care_system, resource_type, id, version)): Path<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
@@ -344,8 +500,15 @@ async fn vread(
         .ok()
         .filter(|_| version.bytes().all(|b| b.is_ascii_digit()))
         .ok_or(ApiError::InvalidVersionId)?;
+    audit.set(AuditInteraction::Vread, Some(resource_type), Some(&id));
+    let access = Access::new(&identity);
+    access.require(resource_type, Interaction::Read)?;
     store.check_ready().await?;
+    access
+        .require_in_compartment(&store, resource_type, &id)
+        .await?;
     let stored = store.vread(resource_type, &id, version).await?;
+    audit.with(|f| f.add_patients_of(&stored));
     Ok(version_response(
         StatusCode::OK,
         &stored,
@@ -357,6 +520,8 @@ async fn vread(
 
 async fn update(
     State(store): State<Arc<FhirStore>>,
+    Extension(identity): Extension<Arc<Identity>>,
+    Extension(audit): Extension<AuditSlot>,
     Path((care_system, resource_type, id)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Body,
@@ -367,26 +532,63 @@ async fn update(
         return Err(ApiError::ReadOnlyType { resource_type });
     }
     let id = parse_id(&id)?;
+    audit.set(AuditInteraction::Update, Some(resource_type), Some(&id));
+    let access = Access::new(&identity);
+    access.require(resource_type, Interaction::Update)?;
     let expected = if_match(&headers)?;
     let body = read_body(body, &headers, store.config().max_body_bytes).await?;
+    confined_write(&access, resource_type, &body, false)?;
     store.check_ready().await?;
-    let outcome = store.update(resource_type, &id, &body, expected).await?;
+    if access.confined_patient()?.is_some() && store.read_live(resource_type, &id).await?.is_some()
+    {
+        access
+            .require_in_compartment(&store, resource_type, &id)
+            .await?;
+    }
+    let writer = Some(WriteAudit {
+        identity: &identity,
+        slot: &audit,
+    });
+    let outcome = store
+        .update_audited(resource_type, &id, &body, expected, writer)
+        .await?;
     Ok(write_response(&outcome, &base, prefer(&headers)))
 }
 
 async fn delete(
     State(store): State<Arc<FhirStore>>,
+    Extension(identity): Extension<Arc<Identity>>,
+    Extension(audit): Extension<AuditSlot>,
     Path((care_system, resource_type, id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
     base_url(&store, &care_system, &headers)?;
+    if resource_type == "$export-status" {
+        audit.set(AuditInteraction::Operation, None, None);
+        audit.with(|f| f.operation = Some("$export-cancel"));
+        store
+            .exports()
+            .cancel(&store, &id, &identity.subject)
+            .await?;
+        return Ok(StatusCode::ACCEPTED.into_response());
+    }
     let resource_type = parse_type(&resource_type)?;
     if !client_writable(resource_type) {
         return Err(ApiError::ReadOnlyType { resource_type });
     }
     let id = parse_id(&id)?;
+    audit.set(AuditInteraction::Delete, Some(resource_type), Some(&id));
+    let access = Access::new(&identity);
+    access.require(resource_type, Interaction::Delete)?;
     store.check_ready().await?;
-    let outcome = store.delete(resource_type, &id).await?;
+    access
+        .require_in_compartment(&store, resource_type, &id)
+        .await?;
+    let writer = Some(WriteAudit {
+        identity: &identity,
+        slot: &audit,
+    });
+    let outcome = store.delete_audited(resource_type, &id, writer).await?;
     let mut response = StatusCode::NO_CONTENT.into_response();
     if outcome.changed
         && let Ok(value) = HeaderValue::from_str(&etag(outcome.stored.version))
@@ -398,16 +600,52 @@ async fn delete(
 
 async fn instance_operation(
     State(store): State<Arc<FhirStore>>,
+    Extension(identity): Extension<Arc<Identity>>,
+    Extension(audit): Extension<AuditSlot>,
     Path((care_system, resource_type, id, operation)): Path<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
     let base = base_url(&store, &care_system, &headers)?;
+    if resource_type == "$export-output" {
+        audit.set(AuditInteraction::Operation, None, None);
+        audit.with(|f| f.operation = Some("$export-output"));
+        let access = Access::new(&identity);
+        access.require_all_types(Interaction::Read)?;
+        access.require_unconfined("bulk export")?;
+        let ndjson = store
+            .exports()
+            .download(&store, &id, &identity.subject, &operation)
+            .await?;
+        return Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/fhir+ndjson")],
+            ndjson,
+        )
+            .into_response());
+    }
     let resource_type = parse_type(&resource_type)?;
     let id = parse_id(&id)?;
+    let access = Access::new(&identity);
+    audit.set(
+        if operation == "_history" {
+            AuditInteraction::HistoryInstance
+        } else {
+            AuditInteraction::Operation
+        },
+        Some(resource_type),
+        Some(&id),
+    );
+    access.require(resource_type, Interaction::Read)?;
     match operation.as_str() {
         "_history" => {
             store.check_ready().await?;
+            access
+                .require_in_compartment(&store, resource_type, &id)
+                .await?;
             let versions = store.history(resource_type, &id).await?;
+            if let Some(latest) = versions.iter().find(|v| v.body.is_some()) {
+                audit.with(|f| f.add_patients_of(latest));
+            }
             let self_link = format!("{base}/{resource_type}/{id}/_history");
             Ok(fhir_json(
                 StatusCode::OK,
@@ -415,10 +653,18 @@ async fn instance_operation(
             ))
         }
         "$everything" if resource_type == ResourceType::Patient => {
+            audit.with(|f| {
+                f.operation = Some("$everything");
+                f.add_patients([id.clone()]);
+            });
             store.check_ready().await?;
+            access
+                .require_in_compartment(&store, resource_type, &id)
+                .await?;
             let members = store.everything(&id).await?;
             let entries: Vec<Value> = members
                 .iter()
+                .filter(|m| access.may_read(m.resource_type))
                 .map(|m| match_entry(&base, m))
                 .collect::<Result<_, _>>()?;
             Ok(fhir_json(
@@ -448,7 +694,7 @@ fn resource_json(stored: &StoredVersion) -> Result<Option<Value>, ApiError> {
         .map_err(|_| ApiError::Internal)
 }
 
-fn match_entry(base: &str, stored: &StoredVersion) -> Result<Value, ApiError> {
+pub(super) fn match_entry(base: &str, stored: &StoredVersion) -> Result<Value, ApiError> {
     Ok(json!({
         "fullUrl": format!("{base}/{}/{}", stored.resource_type, stored.id),
         "resource": resource_json(stored)?,
@@ -579,15 +825,35 @@ fn history_bundle(
 
 async fn search(
     State(store): State<Arc<FhirStore>>,
+    Extension(identity): Extension<Arc<Identity>>,
+    Extension(audit): Extension<AuditSlot>,
     Path((care_system, resource_type)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> ApiResult {
     let base = base_url(&store, &care_system, &headers)?;
+    if resource_type == "$export" {
+        return export_kickoff(
+            &store,
+            &identity,
+            &audit,
+            &base,
+            raw.as_deref(),
+            &headers,
+            false,
+        )
+        .await;
+    }
+    let access = Access::new(&identity);
     if resource_type == "_history" {
+        audit.set(AuditInteraction::HistorySystem, None, None);
+        access.require_all_types(Interaction::Read)?;
+        access.require_unconfined("history across patients")?;
         return changes(&store, &base, None, raw.as_deref()).await;
     }
     let resource_type = parse_type(&resource_type)?;
+    audit.set(AuditInteraction::SearchType, Some(resource_type), None);
+    access.require(resource_type, Interaction::Search)?;
     let pairs = query_pairs(raw.as_deref());
     let prefer = prefer(&headers);
     let mut query = SearchQuery::parse(
@@ -595,27 +861,39 @@ async fn search(
         pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         prefer.lenient,
     )?;
-    let mut warnings = OperationOutcome::ignored_parameters(&query.ignored);
-    if prefer.lenient {
-        for (present, what) in [
-            (!query.include.is_empty(), "_include"),
-            (!query.revinclude.is_empty(), "_revinclude"),
-        ] {
-            if present {
-                warnings.issues.push(Issue {
-                    severity: Severity::Warning,
-                    code: IssueType::NotSupported,
-                    diagnostics: Some(format!("ignored: {what} is not supported")),
-                    expression: Vec::new(),
-                });
-            }
-        }
-        query.include.clear();
-        query.revinclude.clear();
-    }
+    let warnings = OperationOutcome::ignored_parameters(&query.ignored);
+    access.confine_search(&mut query)?;
     store.check_ready().await?;
     let page = store.search(&query).await?;
+    audit.with(|f| {
+        f.add_patients(searched_patients(&query));
+        f.add_patients(
+            page.matches
+                .iter()
+                .filter(|m| m.resource_type == ResourceType::Patient)
+                .map(|m| m.id.clone()),
+        );
+    });
 
+    // Included resources obey the same scopes and compartment as a read of them would.
+    let mut included_entries = Vec::new();
+    let confined_to = access.confined_patient()?;
+    for stored in &page.included {
+        if !access.may_read(stored.resource_type) {
+            continue;
+        }
+        if let Some(patient) = &confined_to {
+            let inside = store
+                .in_compartment(patient, stored.resource_type, &stored.id)
+                .await?;
+            if !inside {
+                continue;
+            }
+        }
+        let mut entry = match_entry(&base, stored)?;
+        entry["search"]["mode"] = json!("include");
+        included_entries.push(entry);
+    }
     let link = |extra: Option<(&str, &str)>| {
         let mut serializer = url::form_urlencoded::Serializer::new(String::new());
         for (name, value) in &pairs {
@@ -650,6 +928,7 @@ async fn search(
         .iter()
         .map(|m| match_entry(&base, m))
         .collect::<Result<_, _>>()?;
+    entries.extend(included_entries);
     if !warnings.issues.is_empty() {
         entries.push(json!({
             "resource": warnings.to_json(),
@@ -666,6 +945,44 @@ async fn search(
             "entry": entries,
         }),
     ))
+}
+
+/// The patients a search is about: the `Patient` targets of its `patient`/`subject` criteria.
+fn searched_patients(query: &SearchQuery) -> Vec<ResourceId> {
+    query
+        .filters
+        .iter()
+        .filter(|f| f.chain.is_none() && matches!(f.param.name, "patient" | "subject"))
+        .flat_map(|f| match &f.criterion {
+            shcr_fhir::search::Criterion::References(refs) => refs
+                .iter()
+                .filter(|r| r.resource_type == ResourceType::Patient)
+                .map(|r| r.id.clone())
+                .collect(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+/// For a patient-confined identity: the resource in `body` must be in its patient's
+/// compartment; a confined identity cannot create a Patient (the server assigns the id). Bodies
+/// that do not parse are left for the store to refuse with the precise error.
+fn confined_write(
+    access: &Access<'_>,
+    resource_type: ResourceType,
+    body: &[u8],
+    create: bool,
+) -> Result<(), ApiError> {
+    if access.confined_patient()?.is_none() {
+        return Ok(());
+    }
+    if create && resource_type == ResourceType::Patient {
+        return Err(ApiError::OutsideCompartment);
+    }
+    match shcr_fhir::resource::Resource::parse(body, Some(resource_type)) {
+        Ok(resource) => access.require_names_patient(&patient_compartment(&resource)),
+        Err(_) => Ok(()),
+    }
 }
 
 /// The response to a create or update: 201 when the write created the resource, else 200.

@@ -16,7 +16,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use shcr_fhir::resource::{ResourceId, ResourceType};
+use shcr_fhir::resource::{Resource, ResourceId, ResourceType};
+use shcr_fhir::search::index_terms;
 use shcr_fhir::search::{
     Criterion, DatePredicate, Filter, IndexValue, KeyMatch, SearchParam, SearchQuery, SortKey,
 };
@@ -35,14 +36,13 @@ pub struct SearchPage {
     pub matches: Vec<StoredVersion>,
     /// The cursor of the next page, when there is one.
     pub next_cursor: Option<String>,
+    /// Live resources `_include`d by or `_revinclude`ing this page's matches, each once.
+    pub included: Vec<StoredVersion>,
 }
 
 impl FhirStore {
-    /// Runs `query` (`_include` and `_revinclude` are not supported and refused).
+    /// Runs `query`, with its `_include`s and `_revinclude`s for this page's matches.
     pub async fn search(&self, query: &SearchQuery) -> Result<SearchPage, ApiError> {
-        if !query.include.is_empty() || !query.revinclude.is_empty() {
-            return Err(ApiError::Unsupported("_include and _revinclude"));
-        }
         if query.sort.len() > MAX_SORT_KEYS {
             return Err(ApiError::Unsupported("_sort with more than 4 keys"));
         }
@@ -95,11 +95,82 @@ impl FhirStore {
             (Some(_), Some(last)) => Some(encode_cursor(last)),
             _ => None,
         };
+        let included = self.included(query, &matches).await?;
         Ok(SearchPage {
             total,
             matches,
             next_cursor,
+            included,
         })
+    }
+
+    /// `_include`: the live targets of each match's reference parameter (read from the match's
+    /// JSON); `_revinclude`: the live resources whose reference parameter points at a match
+    /// (one index lookup per match). Each resource at most once, never a match again; more than
+    /// `max_search_matches` is refused as too costly.
+    async fn included(
+        &self,
+        query: &SearchQuery,
+        matches: &[StoredVersion],
+    ) -> Result<Vec<StoredVersion>, ApiError> {
+        if query.include.is_empty() && query.revinclude.is_empty() {
+            return Ok(Vec::new());
+        }
+        let limit = self.config().max_search_matches;
+        let mut seen: BTreeSet<(ResourceType, String)> = matches
+            .iter()
+            .map(|m| (m.resource_type, m.id.as_str().to_string()))
+            .collect();
+        let mut wanted: Vec<(ResourceType, ResourceId)> = Vec::new();
+        if !query.include.is_empty() {
+            for m in matches {
+                let Some(body) = &m.body else { continue };
+                let resource =
+                    Resource::parse(body, Some(m.resource_type)).map_err(|_| ApiError::Internal)?;
+                let terms = index_terms(&resource);
+                for include in &query.include {
+                    for term in terms.iter().filter(|t| t.param == include.param.name) {
+                        if let IndexValue::Reference { resource_type, id } = &term.value
+                            && include.target.is_none_or(|t| t == *resource_type)
+                            && seen.insert((*resource_type, id.as_str().to_string()))
+                        {
+                            wanted.push((*resource_type, id.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        for rev in &query.revinclude {
+            for m in matches {
+                let key = IndexValue::Reference {
+                    resource_type: m.resource_type,
+                    id: m.id.clone(),
+                }
+                .to_key();
+                for id in self
+                    .index_ids(rev.source, rev.param.name, &KeyMatch::Exact(key))
+                    .await?
+                {
+                    if seen.insert((rev.source, id.clone())) {
+                        let id = ResourceId::parse(&id).map_err(|_| ApiError::Internal)?;
+                        wanted.push((rev.source, id));
+                    }
+                }
+                if wanted.len() > limit {
+                    return Err(ApiError::TooCostly { limit });
+                }
+            }
+        }
+        if wanted.len() > limit {
+            return Err(ApiError::TooCostly { limit });
+        }
+        let mut included = Vec::with_capacity(wanted.len());
+        for (t, id) in wanted {
+            if let Some(stored) = self.read_live(t, &id).await? {
+                included.push(stored);
+            }
+        }
+        Ok(included)
     }
 
     async fn filter_ids(
