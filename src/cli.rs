@@ -76,7 +76,8 @@ Example:\n  shcr store --config store.yaml\n  SHCR_STORE_CARE_SYSTEM=north-east 
 SHCR_STORE_BUCKET=shcr-north-east SHCR_STORE_REGION=eu-west-2 SHCR_STORE_KMS_KEY_ARN=arn:aws:kms:... \
 SHCR_STORE_ASSERTION_PUBLIC_KEY_FILE=/etc/shcr/gateway.pem shcr store"
     )]
-    Store(shcr_store::serve::StoreArgs),
+    // Boxed: the store has many flags, and the enum should not be as large as its largest arm.
+    Store(Box<shcr_store::serve::StoreArgs>),
 
     #[command(
         about = "Run the platform on this machine (local storage and keys), no cloud needed",

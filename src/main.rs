@@ -28,7 +28,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Operator(args) => overrides = overrides.section("operator", args)?,
         Command::Dev(args) => overrides = overrides.section("dev", args)?,
-        Command::Store(args) => overrides = overrides.section("store", args)?,
+        Command::Store(args) => overrides = overrides.section("store", args.as_ref())?,
         Command::Gateway(args) => overrides = overrides.section("gateway", args)?,
         _ => {}
     }

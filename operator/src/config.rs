@@ -25,7 +25,9 @@ pub struct OperatorConfig {
     /// Image of the record store when a CareSystem does not name one.
     pub store_image: String,
     /// Annotations on every store ServiceAccount, e.g. `eks.amazonaws.com/role-arn` (IRSA) so
-    /// the store gets credentials for its own bucket and key.
+    /// the store gets credentials for its own bucket and key. `{care_system}` in a value is
+    /// replaced by the CareSystem's name, so each store can have its own role
+    /// (`arn:aws:iam::111122223333:role/shcr-store-{care_system}`).
     pub store_service_account_annotations: BTreeMap<String, String>,
     /// S3 API endpoint for non-AWS object storage (e.g. `http://minio:9000`); absent: AWS.
     pub s3_endpoint: Option<String>,

@@ -25,6 +25,9 @@ use serde_json::{Value, json};
 use crate::care_system::CareSystem;
 use crate::config::OperatorConfig;
 
+/// Placeholder in store ServiceAccount annotation values for the care system's name.
+pub const CARE_SYSTEM_PLACEHOLDER: &str = "{care_system}";
+
 /// Label on every object the operator manages.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`].
@@ -137,7 +140,20 @@ impl<'a> Workload<'a> {
     pub fn service_account(&self) -> Value {
         let mut metadata = self.metadata(STORE_NAME, self.store_labels());
         if !self.config.store_service_account_annotations.is_empty() {
-            metadata["annotations"] = json!(self.config.store_service_account_annotations);
+            // `{care_system}` in a value names this care system, so IRSA can give each store its
+            // own role (`…:role/shcr-store-{care_system}`) rather than one role for all stores.
+            let annotations: BTreeMap<&str, String> = self
+                .config
+                .store_service_account_annotations
+                .iter()
+                .map(|(key, value)| {
+                    (
+                        key.as_str(),
+                        value.replace(CARE_SYSTEM_PLACEHOLDER, &self.name),
+                    )
+                })
+                .collect();
+            metadata["annotations"] = json!(annotations);
         }
         json!({
             "apiVersion": "v1",
@@ -487,6 +503,23 @@ mod tests {
             workload.deployment(&config_map)["spec"]["template"]["spec"]["containers"][0]["envFrom"]
                 [0]["configMapRef"]["name"],
             STORE_NAME
+        );
+    }
+
+    #[test]
+    fn each_store_can_have_its_own_cloud_role() {
+        let config = OperatorConfig {
+            store_service_account_annotations: BTreeMap::from([(
+                "eks.amazonaws.com/role-arn".to_owned(),
+                "arn:aws:iam::111122223333:role/shcr-store-{care_system}".to_owned(),
+            )]),
+            ..OperatorConfig::default()
+        };
+        let cs = care_system(&["RR8"]);
+        let workload = Workload::new(&cs, &config).expect("named");
+        assert_eq!(
+            workload.service_account()["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+            "arn:aws:iam::111122223333:role/shcr-store-west-yorkshire"
         );
     }
 
