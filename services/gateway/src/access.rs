@@ -11,13 +11,20 @@
 //! the client's `X-Break-Glass-Reason` header, bounded, and only ever travels inside the signed
 //! assertion.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
 use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::HeaderValue;
 use http::{HeaderMap, HeaderName, Method, header};
 use serde_json::{Value, json};
 use shcr_identity::Identity;
 
 use crate::auth::{
-    AuthConfigError, Authenticator, IssuerConfig, JwksSource, RequestClass, classify,
+    AuthConfigError, Authenticator, IssuerConfig, JwksSource, Principal, RequestClass, classify,
 };
 use crate::config::SmartConfig;
 use crate::routing::Route;
@@ -44,6 +51,7 @@ pub enum AccessDecision {
 #[derive(Debug, Clone)]
 pub struct AccessControl {
     authenticator: Authenticator,
+    verified: Arc<VerifiedTokens>,
     discovery: Value,
 }
 
@@ -53,6 +61,7 @@ impl AccessControl {
         let authenticator = Authenticator::new(issuers.to_vec(), reqwest::Client::new())?;
         Ok(Self {
             authenticator,
+            verified: Arc::new(VerifiedTokens::default()),
             discovery: discovery(issuers, &smart),
         })
     }
@@ -85,18 +94,26 @@ impl AccessControl {
         if class == RequestClass::Public {
             return AccessDecision::Public;
         }
-        let principal = match self
-            .authenticator
-            .authenticate(headers.get(header::AUTHORIZATION), &route.care_system)
-            .await
-        {
-            Ok(principal) => principal,
-            Err(error) => {
-                return AccessDecision::Refused {
-                    reason: "unauthenticated",
-                    response: error.into_response(),
-                };
-            }
+        let authorization = headers.get(header::AUTHORIZATION);
+        let principal = match self.verified.get(authorization, &route.care_system) {
+            Some(principal) => principal,
+            None => match self
+                .authenticator
+                .authenticate(authorization, &route.care_system)
+                .await
+            {
+                Ok(principal) => {
+                    self.verified
+                        .insert(authorization, &route.care_system, &principal);
+                    principal
+                }
+                Err(error) => {
+                    return AccessDecision::Refused {
+                        reason: "unauthenticated",
+                        response: error.into_response(),
+                    };
+                }
+            },
         };
         if let Err(denial) =
             self.authenticator
@@ -161,4 +178,69 @@ fn discovery(issuers: &[IssuerConfig], smart: &SmartConfig) -> Value {
         doc["token_endpoint"] = json!(endpoint);
     }
     doc
+}
+
+/// How long a verified token is reused without verifying its signature again (bounded also by
+/// its own `exp`): short, so a key the identity provider withdraws stops working soon.
+const VERIFIED_TTL: Duration = Duration::from_secs(60);
+/// Tokens remembered at most; the cache is emptied when full (simple, and bounded).
+const VERIFIED_CAPACITY: usize = 10_000;
+
+/// Tokens verified recently, by (Authorization header, care system): a client reusing its token
+/// (the usual case) costs one signature check a minute instead of one per request. Only the
+/// exact header bytes that passed verification for that care system hit; authorisation still
+/// runs on every request.
+#[derive(Debug, Default)]
+struct VerifiedTokens {
+    entries: Mutex<HashMap<TokenKey, (Principal, Instant)>>,
+}
+
+/// The `Authorization` header bytes and the care system they were verified for.
+type TokenKey = (Vec<u8>, String);
+
+impl VerifiedTokens {
+    fn get(&self, authorization: Option<&HeaderValue>, care_system: &str) -> Option<Principal> {
+        let key = (authorization?.as_bytes().to_vec(), care_system.to_owned());
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        match entries.get(&key) {
+            Some((principal, until)) if Instant::now() < *until => Some(principal.clone()),
+            _ => None,
+        }
+    }
+
+    fn insert(
+        &self,
+        authorization: Option<&HeaderValue>,
+        care_system: &str,
+        principal: &Principal,
+    ) {
+        let Some(authorization) = authorization else {
+            return;
+        };
+        let Some(remaining) = remaining_lifetime(authorization) else {
+            return;
+        };
+        let until = Instant::now() + remaining.min(VERIFIED_TTL);
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= VERIFIED_CAPACITY {
+            entries.clear();
+        }
+        entries.insert(
+            (authorization.as_bytes().to_vec(), care_system.to_owned()),
+            (principal.clone(), until),
+        );
+    }
+}
+
+/// The time left before the `exp` of a bearer token that has just been verified (so its
+/// payload is trusted); `None` when it cannot be read.
+fn remaining_lifetime(authorization: &HeaderValue) -> Option<Duration> {
+    let token = authorization.to_str().ok()?.split_once(' ')?.1.trim();
+    let payload = URL_SAFE_NO_PAD.decode(token.split('.').nth(1)?).ok()?;
+    let exp = serde_json::from_slice::<Value>(&payload)
+        .ok()?
+        .get("exp")?
+        .as_u64()?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    exp.checked_sub(now).map(Duration::from_secs)
 }

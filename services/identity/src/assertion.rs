@@ -13,7 +13,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::scope::{ScopeError, Scopes};
@@ -114,7 +116,9 @@ pub enum KeyError {
 /// Signs assertions (the gateway side). Holds the Ed25519 private key.
 pub struct AssertionSigner {
     pkcs8_der: Vec<u8>,
-    encoding: EncodingKey,
+    /// The parsed key pair, kept so signing does not re-derive it from PKCS#8 per request
+    /// (`jsonwebtoken::encode` does, which measured ~36 µs of the ~99 µs a signature cost).
+    pair: Ed25519KeyPair,
     public: Vec<u8>,
 }
 
@@ -158,9 +162,9 @@ impl AssertionSigner {
             .to_pkcs8v1()
             .map_err(|e| KeyError::NotEd25519(e.to_string()))?;
         Ok(Self {
-            encoding: EncodingKey::from_ed_der(v1.as_ref()),
             pkcs8_der: v1.as_ref().to_vec(),
             public: pair.public_key().as_ref().to_vec(),
+            pair,
         })
     }
 
@@ -201,8 +205,22 @@ impl AssertionSigner {
             iat: now,
             exp: now + ttl.min(MAX_LIFETIME).as_secs().max(1),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &self.encoding)
-            .map_err(|e| AssertionError::Signing(e.to_string()))
+        // The JWS compact serialisation (RFC 7515 §7.1) of the same header jsonwebtoken writes;
+        // verification stays with jsonwebtoken.
+        let header = serde_json::to_vec(&Header::new(Algorithm::EdDSA))
+            .map_err(|e| AssertionError::Signing(e.to_string()))?;
+        let payload =
+            serde_json::to_vec(&claims).map_err(|e| AssertionError::Signing(e.to_string()))?;
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
+        let signature = self.pair.sign(signing_input.as_bytes());
+        Ok(format!(
+            "{signing_input}.{}",
+            URL_SAFE_NO_PAD.encode(signature.as_ref())
+        ))
     }
 }
 
@@ -332,6 +350,28 @@ mod tests {
             verifier.verify(&token, "north-east").expect("verifies"),
             identity()
         );
+    }
+
+    #[test]
+    fn signatures_are_what_jsonwebtoken_would_write() {
+        let signer = AssertionSigner::generate().expect("keygen");
+        let token = signer
+            .sign(&identity(), Duration::from_secs(60))
+            .expect("sign");
+        let (signing_input, _) = token.rsplit_once('.').expect("three parts");
+        let (header, payload) = signing_input.split_once('.').expect("three parts");
+        let payload: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("b64")).expect("json");
+        let claims: Claims = serde_json::from_value(payload).expect("claims");
+        let reference = jsonwebtoken::encode(
+            &Header::new(Algorithm::EdDSA),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ed_der(&signer.pkcs8_der),
+        )
+        .expect("jsonwebtoken signs");
+        // Ed25519 is deterministic: same key, same input, same signature.
+        assert_eq!(token, reference);
+        assert!(header.len() > 10);
     }
 
     #[test]

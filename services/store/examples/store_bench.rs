@@ -11,9 +11,9 @@
 //! mixed types (observations, conditions, encounters, medication requests, procedures,
 //! immunisations, allergies) referencing the patient. For each mode it measures, through
 //! [`FhirStore`] (validation, indexing, compartments; no HTTP, no auth, no audit):
-//! - ingest: each patient's 100 resources written as one batch of concurrent `update`
-//!   (PUT, update-as-create) calls, `--in-flight` patients at a time — the store has no
-//!   transaction Bundle API to drive yet, so this stands in for transaction bundles of 100;
+//! - ingest: each patient's 100 resources written as one transaction of 100 updates
+//!   (update-as-create, [`FhirStore::update_transaction`]: what a `transaction` Bundle of 100
+//!   PUT entries commits, without the HTTP layer), `--in-flight` transactions at a time;
 //! - bulk import: the same kind of data as NDJSON through `shcr import`'s code path;
 //! - after closing and reopening the database (reads then come from S3 through the cache):
 //!   read-by-id and NHS-number search latency p50/p99 at `--concurrency`, first (cold) and
@@ -48,7 +48,7 @@ struct Args {
     /// Patients loaded through bulk import
     #[arg(long, default_value_t = 20)]
     import_patients: usize,
-    /// Patient batches written at once during ingest
+    /// Transactions (one patient's 100 resources each) in flight during ingest
     #[arg(long, default_value_t = 8)]
     in_flight: usize,
     /// Concurrent requests for reads and searches
@@ -60,6 +60,10 @@ struct Args {
     /// NHS-number searches per pass
     #[arg(long, default_value_t = 1000)]
     searches: usize,
+    /// Run only one mode (`encrypted` or `clear`), for profiling one of them alone; the
+    /// table then shows the other mode's figures as zero
+    #[arg(long)]
+    only: Option<String>,
     /// `$everything` calls
     #[arg(long, default_value_t = 40)]
     everything: usize,
@@ -373,6 +377,8 @@ struct Figures {
     read_warm: (f64, f64, f64),
     search_cold: (f64, f64, f64),
     search_warm: (f64, f64, f64),
+    chained_cold: (f64, f64, f64),
+    chained_warm: (f64, f64, f64),
     everything: (f64, f64, f64),
     everything_size: usize,
     export_per_s: f64,
@@ -398,6 +404,15 @@ async fn open(
         TenantDatabase::open_unencrypted_for_benchmarks(config).await?
     };
     Ok(FhirStore::new(db, FhirStoreConfig::default()))
+}
+
+/// Logs a phase boundary with the wall-clock time (seconds since the epoch), to line up with
+/// `perf record -k realtime` samples (`perf report --time start,end`).
+fn phase(mode: &str, what: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    eprintln!("[{mode}] {what} at {:.6}", now.as_secs_f64());
 }
 
 fn triple(l: &Latencies, rate: f64) -> (f64, f64, f64) {
@@ -460,12 +475,14 @@ async fn run_mode(encrypted: bool, args: &Args, scratch: &Path) -> Result<Figure
         .map(|batch| {
             let store = ingest.clone();
             async move {
-                let writes = batch
+                let entries: Vec<(ResourceType, ResourceId, &[u8])> = batch
                     .iter()
-                    .map(|(t, id, body)| store.update(*t, id, body, None));
-                for r in futures::future::join_all(writes).await {
-                    r?;
-                }
+                    .map(|(t, id, body)| (*t, id.clone(), body.as_slice()))
+                    .collect();
+                store
+                    .update_transaction(&entries)
+                    .await
+                    .map_err(|(entry, e)| anyhow::anyhow!("transaction entry {entry:?}: {e}"))?;
                 anyhow::Ok(())
             }
         })
@@ -530,28 +547,49 @@ async fn run_mode(encrypted: bool, args: &Args, scratch: &Path) -> Result<Figure
     };
     let (l, r) = measure(args.reads, args.concurrency, read(1)).await?;
     f.read_cold = triple(&l, r);
+    phase(mode, "cached reads start");
     let (l, r) = measure(args.reads, args.concurrency, read(1)).await?;
     f.read_warm = triple(&l, r);
+    phase(mode, "cached reads end");
 
-    let search = |seed: u64| {
-        let store = store.clone();
-        let patients = &patients;
-        move |k: usize| {
+    // A search by NHS number for a random patient: `Patient?identifier=…`, or chained,
+    // a patient's observations (`Observation?patient.identifier=…`).
+    let by_nhs_number =
+        |seed: u64, resource_type: ResourceType, param: &'static str, expected: usize| {
             let store = store.clone();
-            let (_, nhs) = &patients[(Rng(seed ^ k as u64).next() as usize) % patients.len()];
-            let value = format!("{NHS}|{nhs}");
-            async move {
-                let q = SearchQuery::parse(ResourceType::Patient, [("identifier", value)], false)?;
-                let page = store.search(&q).await?;
-                anyhow::ensure!(page.total == 1, "search found {}", page.total);
-                Ok(())
+            let patients = &patients;
+            move |k: usize| {
+                let store = store.clone();
+                let (_, nhs) = &patients[(Rng(seed ^ k as u64).next() as usize) % patients.len()];
+                let value = format!("{NHS}|{nhs}");
+                async move {
+                    let q = SearchQuery::parse(resource_type, [(param, value)], false)?;
+                    let page = store.search(&q).await?;
+                    anyhow::ensure!(
+                        page.total == expected,
+                        "{param} search found {}",
+                        page.total
+                    );
+                    Ok(())
+                }
             }
-        }
-    };
+        };
+    let search = |seed: u64| by_nhs_number(seed, ResourceType::Patient, "identifier", 1);
     let (l, r) = measure(args.searches, args.concurrency, search(2)).await?;
     f.search_cold = triple(&l, r);
+    let (l0, runs) = store.database().storage_layout();
+    eprintln!("[{mode}] database layout: {l0} L0 SSTs, {runs} sorted runs");
+    phase(mode, "cached searches start");
     let (l, r) = measure(args.searches, args.concurrency, search(2)).await?;
     f.search_warm = triple(&l, r);
+    phase(mode, "cached searches end");
+
+    let chained =
+        |seed: u64| by_nhs_number(seed, ResourceType::Observation, "patient.identifier", 60);
+    let (l, r) = measure(args.searches, args.concurrency, chained(3)).await?;
+    f.chained_cold = triple(&l, r);
+    let (l, r) = measure(args.searches, args.concurrency, chained(3)).await?;
+    f.chained_warm = triple(&l, r);
 
     let sizes = std::sync::Mutex::new(0usize);
     let (l, r) = measure(args.everything, 1, |k| {
@@ -577,16 +615,25 @@ async fn run_mode(encrypted: bool, args: &Args, scratch: &Path) -> Result<Figure
     Ok(f)
 }
 
-fn print_row(name: &str, enc: (f64, f64, f64), raw: (f64, f64, f64)) {
-    println!(
-        "{name:<28} p50 {:>7.2} ms  p99 {:>7.2} ms  {:>8.0}/s   | clear: p50 {:>7.2} p99 {:>7.2} {:>8.0}/s | enc/clear throughput {:.2}",
-        enc.0,
-        enc.1,
-        enc.2,
-        raw.0,
-        raw.1,
-        raw.2,
-        enc.2 / raw.2
+fn latency_cell(v: (f64, f64, f64)) -> String {
+    format!("p50 {:.2} / p99 {:.2} ms, {:.0}/s", v.0, v.1, v.2)
+}
+
+/// One table row: the figure with encryption on, off, and on/off throughput (1.00 = free).
+fn row(name: &str, enc: String, raw: String, ratio: f64) {
+    println!("{name:<30} | {enc:>34} | {raw:>34} | {ratio:>5.2}");
+}
+
+fn latency_row(name: &str, enc: (f64, f64, f64), raw: (f64, f64, f64)) {
+    row(name, latency_cell(enc), latency_cell(raw), enc.2 / raw.2);
+}
+
+fn rate_row(name: &str, enc: f64, raw: f64) {
+    row(
+        name,
+        format!("{enc:.0} resources/s"),
+        format!("{raw:.0} resources/s"),
+        enc / raw,
     );
 }
 
@@ -594,46 +641,62 @@ fn print_row(name: &str, enc: (f64, f64, f64), raw: (f64, f64, f64)) {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let scratch = tempfile::tempdir()?;
-    let raw = run_mode(false, &args, scratch.path()).await?;
-    let enc = run_mode(true, &args, scratch.path()).await?;
+    let (run_clear, run_enc) = match args.only.as_deref() {
+        None => (true, true),
+        Some("clear") => (true, false),
+        Some("encrypted") => (false, true),
+        Some(other) => anyhow::bail!("--only takes `encrypted` or `clear`, not `{other}`"),
+    };
+    let raw = if run_clear {
+        run_mode(false, &args, scratch.path()).await?
+    } else {
+        Figures::default()
+    };
+    let enc = if run_enc {
+        run_mode(true, &args, scratch.path()).await?
+    } else {
+        Figures::default()
+    };
     println!(
-        "store_bench: {} patients ingested + {} imported, ~100 resources each; S3 = moto, KMS = \
-         local-kms; reads/searches at concurrency {}, $everything one at a time",
-        args.patients, args.import_patients, args.concurrency
+        "store_bench: {} patients ingested (transactions of 100, {} in flight) + {} imported, \
+         ~100 resources each; S3 = moto, KMS = local-kms; reads/searches at concurrency {}, \
+         $everything one at a time",
+        args.patients, args.in_flight, args.import_patients, args.concurrency
     );
     println!(
-        "{:<28} {:>8.0} resources/s | clear {:>8.0}/s | enc/clear {:.2}",
-        "ingest (100/patient batch)",
+        "{:<30} | {:>34} | {:>34} | {:>5}",
+        "", "encryption on", "encryption off", "ratio"
+    );
+    rate_row(
+        "ingest (tx bundles of 100)",
         enc.ingest_per_s,
         raw.ingest_per_s,
-        enc.ingest_per_s / raw.ingest_per_s
     );
-    println!(
-        "{:<28} {:>8.0} resources/s | clear {:>8.0}/s | enc/clear {:.2}",
-        "bulk import (NDJSON)",
-        enc.import_per_s,
-        raw.import_per_s,
-        enc.import_per_s / raw.import_per_s
-    );
-    print_row("read by id (cold)", enc.read_cold, raw.read_cold);
-    print_row("read by id (cached)", enc.read_warm, raw.read_warm);
-    print_row("NHS-number search (cold)", enc.search_cold, raw.search_cold);
-    print_row(
+    rate_row("bulk import (NDJSON)", enc.import_per_s, raw.import_per_s);
+    latency_row("read by id (cold)", enc.read_cold, raw.read_cold);
+    latency_row("read by id (cached)", enc.read_warm, raw.read_warm);
+    latency_row("NHS-number search (cold)", enc.search_cold, raw.search_cold);
+    latency_row(
         "NHS-number search (cached)",
         enc.search_warm,
         raw.search_warm,
     );
-    print_row(
+    latency_row(
+        "chained Obs search (cold)",
+        enc.chained_cold,
+        raw.chained_cold,
+    );
+    latency_row(
+        "chained Obs search (cached)",
+        enc.chained_warm,
+        raw.chained_warm,
+    );
+    latency_row(
         &format!("$everything ({} res)", enc.everything_size),
         enc.everything,
         raw.everything,
     );
-    println!(
-        "{:<28} {:>8.0} resources/s | clear {:>8.0}/s | enc/clear {:.2}",
-        "export",
-        enc.export_per_s,
-        raw.export_per_s,
-        enc.export_per_s / raw.export_per_s
-    );
+    rate_row("export", enc.export_per_s, raw.export_per_s);
+    println!("(last column: throughput with encryption on / off; 1.00 = crypto costs nothing)");
     Ok(())
 }

@@ -194,6 +194,11 @@ impl TenantDatabase {
         Ok(self.engine.scan_encoded(start, end, after, limit).await?)
     }
 
+    /// L0 SSTs and sorted runs of the database (see [`RecordEngine::layout`]).
+    pub fn storage_layout(&self) -> (usize, usize) {
+        self.engine.layout()
+    }
+
     /// Flushes and closes the database.
     pub async fn close(&self) -> Result<(), TenantError> {
         Ok(self.engine.close().await?)

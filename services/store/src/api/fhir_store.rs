@@ -24,7 +24,7 @@
 //! - a rejected request stores nothing: all validation happens before the commit is built;
 //! - versions are never overwritten or removed: a delete adds a deletion version.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -767,6 +767,37 @@ impl FhirStore {
         Ok(members)
     }
 
+    /// A transaction of updates (update-as-create), as a `transaction` Bundle of PUT entries
+    /// without `ifMatch` runs them: every resource validated first, then all versions, index
+    /// and compartment changes in one atomic commit, or nothing. No audit (like [`Self::update`]);
+    /// the HTTP Bundle path ([`super::bundle`]) adds scopes, reference rewriting and the
+    /// AuditEvent. A failure names the failing entry's index.
+    pub async fn update_transaction(
+        &self,
+        entries: &[(ResourceType, ResourceId, &[u8])],
+    ) -> Result<Vec<WriteOutcome>, (Option<usize>, ApiError)> {
+        let mut targets = HashSet::with_capacity(entries.len());
+        let mut writes = Vec::with_capacity(entries.len());
+        for (index, (resource_type, id, body)) in entries.iter().enumerate() {
+            let at = |e| (Some(index), e);
+            let resource = Resource::parse(body, Some(*resource_type)).map_err(|e| at(e.into()))?;
+            if resource.id() != Some(id) {
+                return Err(at(ApiError::IdMismatch));
+            }
+            if !targets.insert((*resource_type, id.clone())) {
+                return Err(at(ApiError::InvalidBundle(
+                    "two entries write the same resource",
+                )));
+            }
+            writes.push(TxWrite::Update {
+                id: id.clone(),
+                resource,
+                if_match: None,
+            });
+        }
+        self.commit_transaction(writes, None).await
+    }
+
     /// Locks the conditional-create locks of `types` (in a fixed order, so concurrent callers
     /// cannot deadlock), as a transaction with conditional creates needs.
     pub(crate) async fn lock_types(
@@ -1153,6 +1184,55 @@ pub(crate) fn now_micros() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn patient(id: &str) -> Vec<u8> {
+        serde_json::json!({"resourceType": "Patient", "id": id, "gender": "female"})
+            .to_string()
+            .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn update_transaction_writes_all_or_nothing() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let name = CareSystemName::parse("tx-test")?;
+        let store = crate::import::open_local(dir.path(), &name, true).await?;
+        let (a, b) = (ResourceId::parse("a")?, ResourceId::parse("b")?);
+        let (body_a, body_b) = (patient("a"), patient("b"));
+        let out = store
+            .update_transaction(&[
+                (ResourceType::Patient, a.clone(), body_a.as_slice()),
+                (ResourceType::Patient, b.clone(), body_b.as_slice()),
+            ])
+            .await
+            .map_err(|(i, e)| anyhow::anyhow!("entry {i:?}: {e}"))?;
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|o| o.created && o.stored.version == 1));
+        assert_eq!(store.read(ResourceType::Patient, &b).await?.version, 1);
+
+        // A bad second entry (id mismatch) stores nothing, not even the good first one.
+        let c = ResourceId::parse("c")?;
+        let body_c = patient("c");
+        let err = store
+            .update_transaction(&[
+                (ResourceType::Patient, c.clone(), body_c.as_slice()),
+                (ResourceType::Patient, a.clone(), body_b.as_slice()),
+            ])
+            .await;
+        assert!(matches!(err, Err((Some(1), ApiError::IdMismatch))));
+        assert!(store.read_live(ResourceType::Patient, &c).await?.is_none());
+
+        // Two entries for one resource are refused, naming the second.
+        let err = store
+            .update_transaction(&[
+                (ResourceType::Patient, a.clone(), body_a.as_slice()),
+                (ResourceType::Patient, a.clone(), body_a.as_slice()),
+            ])
+            .await;
+        assert!(matches!(err, Err((Some(1), ApiError::InvalidBundle(_)))));
+        assert_eq!(store.read(ResourceType::Patient, &a).await?.version, 1);
+        store.database().close().await?;
+        Ok(())
+    }
 
     #[test]
     fn current_pointer_round_trips() {
