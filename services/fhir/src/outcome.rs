@@ -58,6 +58,7 @@ pub enum IssueType {
     Timeout,
     Throttled,
     TooCostly,
+    Suppressed,
     Informational,
 }
 
@@ -86,6 +87,7 @@ impl IssueType {
             Self::Timeout => "timeout",
             Self::Throttled => "throttled",
             Self::TooCostly => "too-costly",
+            Self::Suppressed => "suppressed",
             Self::Informational => "informational",
         }
     }

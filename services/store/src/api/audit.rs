@@ -55,9 +55,6 @@ pub const QUEUE_CAPACITY: usize = 4096;
 /// The most events one background commit carries.
 const BATCH: usize = 512;
 
-/// The most patients one event names (a search matching more names the first ones).
-const MAX_PATIENTS: usize = 50;
-
 /// A FHIR RESTful interaction (`http://hl7.org/fhir/restful-interaction`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuditInteraction {
@@ -138,12 +135,8 @@ pub struct AuditFacts {
 
 impl AuditFacts {
     pub fn add_patients(&mut self, patients: impl IntoIterator<Item = ResourceId>) {
-        for patient in patients {
-            if self.patients.len() >= MAX_PATIENTS {
-                return;
-            }
-            self.patients.insert(patient);
-        }
+        // Never truncated: an access to sixty records names all sixty patients.
+        self.patients.extend(patients);
     }
 
     /// Adds the patients whose compartment `stored` is in (parsing its JSON).
@@ -250,7 +243,7 @@ pub fn audit_event(
             }
         }
     }
-    for (t, id) in facts.others.iter().take(MAX_PATIENTS) {
+    for (t, id) in &facts.others {
         entity.push(json!({
             "what": {"reference": format!("{t}/{id}")},
             "type": {

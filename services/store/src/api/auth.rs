@@ -3,9 +3,9 @@
 //!
 //! Job: [`authenticate`] is a middleware in front of every route except `metadata`: it verifies
 //! the `x-shcr-identity` assertion (signature, lifetime, and that it names *this* care system)
-//! and puts the [`Identity`] into the request extensions as an [`Arc<Identity>`]; without a valid
+//! and puts the [`shcr_identity::Identity`] into the request extensions as an `Arc<Identity>`; without a valid
 //! one the request gets 401 (`login`) with `WWW-Authenticate` and reaches no handler. Handlers
-//! then call [`Access`] to check the assertion's SMART scopes (403 `forbidden`) and, for
+//! then call [`super::access::Access`] to check the assertion's SMART scopes (403 `forbidden`) and, for
 //! patient-confined identities, that everything they touch is in that patient's compartment.
 //!
 //! Invariants:
@@ -22,9 +22,7 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use shcr_fhir::resource::{ResourceId, ResourceType};
-use shcr_fhir::search::{Criterion, Filter, ReferenceQuery, SearchQuery, find_param};
-use shcr_identity::{ASSERTION_HEADER, AssertionError, AssertionVerifier, Identity, Interaction};
+use shcr_identity::{ASSERTION_HEADER, AssertionError, AssertionVerifier};
 
 use super::error::ApiError;
 use super::fhir_store::FhirStore;
@@ -46,7 +44,7 @@ fn is_metadata(path: &str) -> bool {
     )
 }
 
-/// Middleware: verifies the identity assertion and attaches the [`Identity`].
+/// Middleware: verifies the identity assertion and attaches the [`shcr_identity::Identity`].
 pub(crate) async fn authenticate(
     State(auth): State<AuthState>,
     mut request: Request,
@@ -72,133 +70,6 @@ pub(crate) async fn authenticate(
             next.run(request).await
         }
         Err(e) => ApiError::Unauthenticated(e).into_response(),
-    }
-}
-
-/// The authorisation checks of one request's identity.
-pub(crate) struct Access<'a> {
-    pub identity: &'a Identity,
-}
-
-impl<'a> Access<'a> {
-    pub fn new(identity: &'a Identity) -> Self {
-        Self { identity }
-    }
-
-    /// The scopes must permit `interaction` on `resource_type`.
-    pub fn require(
-        &self,
-        resource_type: ResourceType,
-        interaction: Interaction,
-    ) -> Result<(), ApiError> {
-        if self
-            .identity
-            .scopes
-            .permits(resource_type.as_str(), interaction)
-        {
-            Ok(())
-        } else {
-            Err(ApiError::ScopeDenied {
-                interaction,
-                resource_type: Some(resource_type),
-            })
-        }
-    }
-
-    /// The scopes must permit `interaction` on every type (`*`), as system-level interactions
-    /// need.
-    pub fn require_all_types(&self, interaction: Interaction) -> Result<(), ApiError> {
-        if self.identity.scopes.permits_all_types(interaction) {
-            Ok(())
-        } else {
-            Err(ApiError::ScopeDenied {
-                interaction,
-                resource_type: None,
-            })
-        }
-    }
-
-    /// Whether the scopes permit reading `resource_type` (to filter what a bundle returns).
-    pub fn may_read(&self, resource_type: ResourceType) -> bool {
-        self.identity
-            .scopes
-            .permits(resource_type.as_str(), Interaction::Read)
-    }
-
-    /// The patient this identity is confined to, when it is patient-confined. A confined
-    /// identity without a usable patient id is refused outright.
-    pub fn confined_patient(&self) -> Result<Option<ResourceId>, ApiError> {
-        if !self.identity.scopes.is_patient_confined() {
-            return Ok(None);
-        }
-        match self.identity.patient.as_deref().map(ResourceId::parse) {
-            Some(Ok(id)) => Ok(Some(id)),
-            _ => Err(ApiError::Forbidden(
-                "the identity has only patient scopes but names no valid patient",
-            )),
-        }
-    }
-
-    /// Refuses interactions spanning patients for confined identities.
-    pub fn require_unconfined(&self, what: &'static str) -> Result<(), ApiError> {
-        match self.confined_patient()? {
-            None => Ok(()),
-            Some(_) => Err(ApiError::Forbidden(what)),
-        }
-    }
-
-    /// For a confined identity: `resource_type/id` must be in its patient's compartment now.
-    pub async fn require_in_compartment(
-        &self,
-        store: &FhirStore,
-        resource_type: ResourceType,
-        id: &ResourceId,
-    ) -> Result<(), ApiError> {
-        let Some(patient) = self.confined_patient()? else {
-            return Ok(());
-        };
-        if store.in_compartment(&patient, resource_type, id).await? {
-            Ok(())
-        } else {
-            Err(ApiError::OutsideCompartment)
-        }
-    }
-
-    /// For a confined identity: the resource about to be written must name its patient.
-    pub fn require_names_patient(&self, compartment: &[ResourceId]) -> Result<(), ApiError> {
-        match self.confined_patient()? {
-            Some(patient) if !compartment.contains(&patient) => Err(ApiError::OutsideCompartment),
-            _ => Ok(()),
-        }
-    }
-
-    /// For a confined identity: restricts `query` to the patient's compartment by adding a
-    /// `patient=Patient/{id}` criterion (`_id={id}` for Patient searches). Types outside the
-    /// compartment are refused.
-    pub fn confine_search(&self, query: &mut SearchQuery) -> Result<(), ApiError> {
-        let Some(patient) = self.confined_patient()? else {
-            return Ok(());
-        };
-        let filter = if query.resource_type == ResourceType::Patient {
-            Filter {
-                param: &shcr_fhir::search::ID,
-                chain: None,
-                criterion: Criterion::Ids(vec![patient]),
-            }
-        } else {
-            let param =
-                find_param(query.resource_type, "patient").ok_or(ApiError::OutsideCompartment)?;
-            Filter {
-                param,
-                chain: None,
-                criterion: Criterion::References(vec![ReferenceQuery {
-                    resource_type: ResourceType::Patient,
-                    id: patient,
-                }]),
-            }
-        };
-        query.filters.push(filter);
-        Ok(())
     }
 }
 

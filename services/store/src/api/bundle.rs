@@ -29,11 +29,11 @@ use serde_json::{Map, Value, json};
 use shcr_fhir::datetime::format_instant;
 use shcr_fhir::outcome::ToOutcome;
 use shcr_fhir::resource::{Resource, ResourceId, ResourceType};
-use shcr_fhir::search::{SearchQuery, patient_compartment};
+use shcr_fhir::search::SearchQuery;
 use shcr_identity::{Identity, Interaction};
 
+use super::access::{Access, readable};
 use super::audit::{AuditInteraction, AuditSlot};
-use super::auth::Access;
 use super::capability::client_writable;
 use super::error::ApiError;
 use super::fhir_store::{FhirStore, StoredVersion, TxWrite, WriteOutcome, new_id};
@@ -138,14 +138,16 @@ pub(crate) async fn process(
     } else {
         let mut responses = Vec::with_capacity(entries.len());
         let mut touched = Vec::new();
+        let mut returned = Vec::new();
         for entry in &entries {
             let result = match plan(entry, base) {
                 Ok(planned) => run_batch_entry(store, &access, base, planned, return_minimal).await,
                 Err(e) => Err(e),
             };
             responses.push(match result {
-                Ok((response, target)) => {
+                Ok((response, target, versions)) => {
                     touched.extend(target);
+                    returned.extend(versions);
                     response
                 }
                 Err(e) => error_entry(&e),
@@ -156,6 +158,9 @@ pub(crate) async fn process(
                 if *t == ResourceType::Patient {
                     f.add_patients([id.clone()]);
                 }
+            }
+            for stored in &returned {
+                f.add_patients_of(stored);
             }
             f.others = touched;
         });
@@ -312,9 +317,20 @@ fn resolve_references(value: &mut Value, ids: &HashMap<String, String>) -> Resul
     Ok(())
 }
 
-/// For a confined identity: the resource must be in its compartment.
-fn check_compartment(access: &Access<'_>, resource: &Resource) -> Result<(), ApiError> {
-    access.require_names_patient(&patient_compartment(resource))
+/// A conditional create's match is returned only to a caller who could read it.
+async fn visible_match(
+    store: &FhirStore,
+    access: &Access<'_>,
+    mut found: StoredVersion,
+) -> Result<StoredVersion, ApiError> {
+    let may_read = match access.read_confinement(found.resource_type) {
+        Some(c) => readable(store, &c, found.resource_type, &found.id).await?,
+        None => false,
+    };
+    if !may_read {
+        found.body = None;
+    }
+    Ok(found)
 }
 
 /// What one transaction entry will do.
@@ -329,13 +345,15 @@ async fn run_transaction(
     access: &Access<'_>,
     audit: &AuditSlot,
     base: &str,
-    planned: Vec<Planned>,
+    mut planned: Vec<Planned>,
     return_minimal: bool,
 ) -> Result<Value, ApiError> {
-    // Scopes, GETs and duplicate targets, before anything is read.
+    // Scopes, confinement, GETs and duplicate targets, before anything is read: each entry is
+    // authorised exactly as the same plain request would be.
     let mut targets = HashSet::new();
     let mut conditional_types = BTreeSet::new();
-    for (index, p) in planned.iter().enumerate() {
+    let mut confinements = Vec::with_capacity(planned.len());
+    for (index, p) in planned.iter_mut().enumerate() {
         let at = in_entry(index);
         match p {
             Planned::Create {
@@ -343,27 +361,34 @@ async fn run_transaction(
                 if_none_exist,
                 ..
             } => {
-                access
-                    .require(*resource_type, Interaction::Create)
-                    .map_err(&at)?;
-                if if_none_exist.is_some() {
+                confinements.push(
+                    access
+                        .authorize(*resource_type, Interaction::Create)
+                        .map_err(&at)?,
+                );
+                if let Some(condition) = if_none_exist {
+                    access.authorize_search(condition).map_err(&at)?;
                     conditional_types.insert(*resource_type);
                 }
             }
             Planned::Update {
                 resource_type, id, ..
             } => {
-                access
-                    .require(*resource_type, Interaction::Update)
-                    .map_err(&at)?;
+                confinements.push(
+                    access
+                        .authorize(*resource_type, Interaction::Update)
+                        .map_err(&at)?,
+                );
                 if !targets.insert((*resource_type, id.clone())) {
                     return Err(at(invalid("two entries write the same resource")));
                 }
             }
             Planned::Delete { resource_type, id } => {
-                access
-                    .require(*resource_type, Interaction::Delete)
-                    .map_err(&at)?;
+                confinements.push(
+                    access
+                        .authorize(*resource_type, Interaction::Delete)
+                        .map_err(&at)?,
+                );
                 if !targets.insert((*resource_type, id.clone())) {
                     return Err(at(invalid("two entries write the same resource")));
                 }
@@ -416,7 +441,7 @@ async fn run_transaction(
         let id = match target {
             Some(found) => {
                 let id = found.id.clone();
-                existing.insert(index, found);
+                existing.insert(index, visible_match(store, access, found).await?);
                 id
             }
             None => {
@@ -432,7 +457,7 @@ async fn run_transaction(
 
     // Resolve references, parse and check every resource.
     let mut steps = Vec::with_capacity(planned.len());
-    for (index, p) in planned.into_iter().enumerate() {
+    for (index, (p, confinement)) in planned.into_iter().zip(&confinements).enumerate() {
         let at = in_entry(index);
         let step = match p {
             Planned::Create {
@@ -448,12 +473,7 @@ async fn run_transaction(
                         .map_err(|e| at(e.into()))?;
                     let id = new_ids.remove(&index).ok_or(ApiError::Internal)?;
                     resource.set_id(id.clone());
-                    if access.confined_patient()?.is_some()
-                        && resource_type == ResourceType::Patient
-                    {
-                        return Err(at(ApiError::OutsideCompartment));
-                    }
-                    check_compartment(access, &resource).map_err(&at)?;
+                    confinement.require_writable(&resource, true).map_err(&at)?;
                     Step::Write(TxWrite::Create { id, resource })
                 }
             }
@@ -469,19 +489,13 @@ async fn run_transaction(
                 if resource.id() != Some(&id) {
                     return Err(at(ApiError::IdMismatch));
                 }
-                check_compartment(access, &resource).map_err(&at)?;
-                if access.confined_patient()?.is_some()
-                    && store
-                        .read_live(resource_type, &id)
-                        .await
-                        .map_err(&at)?
-                        .is_some()
-                {
-                    access
-                        .require_in_compartment(store, resource_type, &id)
-                        .await
-                        .map_err(&at)?;
-                }
+                confinement
+                    .require_writable(&resource, false)
+                    .map_err(&at)?;
+                confinement
+                    .require_updatable(store, resource_type, &id)
+                    .await
+                    .map_err(&at)?;
                 Step::Write(TxWrite::Update {
                     id,
                     resource,
@@ -489,8 +503,8 @@ async fn run_transaction(
                 })
             }
             Planned::Delete { resource_type, id } => {
-                access
-                    .require_in_compartment(store, resource_type, &id)
+                confinement
+                    .require_existing(store, resource_type, &id)
                     .await
                     .map_err(&at)?;
                 Step::Write(TxWrite::Delete { resource_type, id })
@@ -558,14 +572,16 @@ async fn run_transaction(
     }))
 }
 
-/// Runs one batch entry; returns its response entry and the resource it touched.
+/// Runs one batch entry, authorised exactly as the same plain request; returns its response
+/// entry, the resource it touched, and the versions it returned or wrote (whose patients the
+/// batch's AuditEvent names).
 async fn run_batch_entry(
     store: &FhirStore,
     access: &Access<'_>,
     base: &str,
     planned: Planned,
     return_minimal: bool,
-) -> Result<(Value, Option<(ResourceType, ResourceId)>), ApiError> {
+) -> Result<BatchResult, ApiError> {
     store.check_ready().await?;
     match planned {
         Planned::Create {
@@ -574,14 +590,15 @@ async fn run_batch_entry(
             if_none_exist,
             ..
         } => {
-            access.require(resource_type, Interaction::Create)?;
-            let parsed = Resource::from_value(resource, Some(resource_type))?;
-            if access.confined_patient()?.is_some() && resource_type == ResourceType::Patient {
-                return Err(ApiError::OutsideCompartment);
+            let confinement = access.authorize(resource_type, Interaction::Create)?;
+            let mut if_none_exist = if_none_exist;
+            if let Some(condition) = &mut if_none_exist {
+                access.authorize_search(condition)?;
             }
-            check_compartment(access, &parsed)?;
+            let parsed = Resource::from_value(resource, Some(resource_type))?;
+            confinement.require_writable(&parsed, true)?;
             let body = parsed.to_bytes();
-            let outcome = match if_none_exist {
+            let mut outcome = match if_none_exist {
                 Some(condition) => {
                     store
                         .create_if_none_exist(resource_type, &body, &condition)
@@ -589,8 +606,15 @@ async fn run_batch_entry(
                 }
                 None => store.create(resource_type, &body).await?,
             };
+            if !outcome.changed {
+                outcome.stored = visible_match(store, access, outcome.stored).await?;
+            }
             let target = (resource_type, outcome.stored.id.clone());
-            Ok((write_entry(base, &outcome, return_minimal), Some(target)))
+            Ok((
+                write_entry(base, &outcome, return_minimal),
+                Some(target),
+                vec![outcome.stored],
+            ))
         }
         Planned::Update {
             resource_type,
@@ -598,45 +622,43 @@ async fn run_batch_entry(
             resource,
             if_match,
         } => {
-            access.require(resource_type, Interaction::Update)?;
+            let confinement = access.authorize(resource_type, Interaction::Update)?;
             let parsed = Resource::from_value(resource, Some(resource_type))?;
-            check_compartment(access, &parsed)?;
-            if access.confined_patient()?.is_some()
-                && store.read_live(resource_type, &id).await?.is_some()
-            {
-                access
-                    .require_in_compartment(store, resource_type, &id)
-                    .await?;
-            }
+            confinement.require_writable(&parsed, false)?;
+            confinement
+                .require_updatable(store, resource_type, &id)
+                .await?;
             let outcome = store
                 .update(resource_type, &id, &parsed.to_bytes(), if_match)
                 .await?;
             Ok((
                 write_entry(base, &outcome, return_minimal),
                 Some((resource_type, id)),
+                vec![outcome.stored],
             ))
         }
         Planned::Delete { resource_type, id } => {
-            access.require(resource_type, Interaction::Delete)?;
-            access
-                .require_in_compartment(store, resource_type, &id)
+            let confinement = access.authorize(resource_type, Interaction::Delete)?;
+            confinement
+                .require_existing(store, resource_type, &id)
                 .await?;
             let outcome = store.delete(resource_type, &id).await?;
             Ok((
                 json!({"response": {"status": status_line(StatusCode::NO_CONTENT)}}),
                 outcome.changed.then_some((resource_type, id)),
+                Vec::new(),
             ))
         }
         Planned::Read { resource_type, id } => {
-            access.require(resource_type, Interaction::Read)?;
-            access
-                .require_in_compartment(store, resource_type, &id)
+            let confinement = access.authorize(resource_type, Interaction::Read)?;
+            confinement
+                .require_existing(store, resource_type, &id)
                 .await?;
             let stored = store.read(resource_type, &id).await?;
             let mut entry = write_entry(
                 base,
                 &WriteOutcome {
-                    stored,
+                    stored: stored.clone(),
                     created: false,
                     changed: false,
                 },
@@ -645,11 +667,10 @@ async fn run_batch_entry(
             entry["response"]
                 .as_object_mut()
                 .map(|r| r.remove("location"));
-            Ok((entry, Some((resource_type, id))))
+            Ok((entry, Some((resource_type, id)), vec![stored]))
         }
         Planned::Search { mut query } => {
-            access.require(query.resource_type, Interaction::Search)?;
-            access.confine_search(&mut query)?;
+            access.authorize_search(&mut query)?;
             let page = store.search(&query).await?;
             let entries: Vec<Value> = page
                 .matches
@@ -667,10 +688,18 @@ async fn run_batch_entry(
                     "response": {"status": status_line(StatusCode::OK)},
                 }),
                 None,
+                page.matches,
             ))
         }
     }
 }
+
+/// A batch entry's response, the resource it touched, and the versions it returned or wrote.
+type BatchResult = (
+    Value,
+    Option<(ResourceType, ResourceId)>,
+    Vec<StoredVersion>,
+);
 
 fn status_line(status: StatusCode) -> String {
     format!(

@@ -27,11 +27,12 @@ use shcr_fhir::datetime::format_instant;
 use shcr_fhir::datetime::{DateRange, Strictness};
 use shcr_fhir::outcome::{IssueType, OperationOutcome, Severity, ToOutcome};
 use shcr_fhir::resource::{ResourceId, ResourceType};
-use shcr_fhir::search::{DEFAULT_COUNT, MAX_COUNT, SearchQuery, patient_compartment};
+use shcr_fhir::search::{DEFAULT_COUNT, MAX_COUNT, SearchQuery};
 use shcr_identity::{AssertionVerifier, Identity, Interaction};
 
+use super::access::{Access, Confinement, WITHHELD, readable, withheld};
 use super::audit::{AuditInteraction, AuditSlot};
-use super::auth::{Access, AuthState, authenticate};
+use super::auth::{AuthState, authenticate};
 use super::capability::{capability_statement, client_writable};
 use super::error::ApiError;
 use super::fhir_store::{FhirStore, StoredVersion, WriteAudit, WriteOutcome, now_micros};
@@ -327,9 +328,7 @@ async fn export_kickoff(
 ) -> ApiResult {
     audit.set(AuditInteraction::Operation, None, None);
     audit.with(|f| f.operation = Some("$export"));
-    let access = Access::new(identity);
-    access.require_all_types(Interaction::Read)?;
-    access.require_unconfined("bulk export")?;
+    Access::new(identity).authorize_all_patients(None, Interaction::Read, "bulk export")?;
     let respond_async = headers.get_all("prefer").iter().any(|v| {
         v.to_str()
             .is_ok_and(|v| v.split([',', ';']).any(|t| t.trim() == "respond-async"))
@@ -394,23 +393,26 @@ async fn create(
     }
     audit.set(AuditInteraction::Create, Some(resource_type), None);
     let access = Access::new(&identity);
-    access.require(resource_type, Interaction::Create)?;
+    let confinement = access.authorize(resource_type, Interaction::Create)?;
     let prefer = prefer(&headers);
     let condition = match headers.get("if-none-exist") {
         Some(value) => {
             let text = value.to_str().map_err(|_| ApiError::InvalidCondition)?;
             let text = text.split_once('?').map_or(text, |(_, query)| query);
             let pairs = query_pairs(Some(text));
-            Some(SearchQuery::parse(
+            let mut condition = SearchQuery::parse(
                 resource_type,
                 pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
                 false,
-            )?)
+            )?;
+            // The condition is a search: it needs search scope and stays in the compartment.
+            access.authorize_search(&mut condition)?;
+            Some(condition)
         }
         None => None,
     };
     let body = read_body(body, &headers, store.config().max_body_bytes).await?;
-    confined_write(&access, resource_type, &body, true)?;
+    check_body(&confinement, resource_type, &body, true)?;
     store.check_ready().await?;
     let writer = Some(WriteAudit {
         identity: &identity,
@@ -429,6 +431,14 @@ async fn create(
             f.resource = Some((resource_type, outcome.stored.id.clone()));
             f.add_patients_of(&outcome.stored);
         });
+        // The match is returned only to a caller who could read it.
+        let may_read = match access.read_confinement(resource_type) {
+            Some(c) => readable(&store, &c, resource_type, &outcome.stored.id).await?,
+            None => false,
+        };
+        if !may_read {
+            return Ok(StatusCode::OK.into_response());
+        }
     }
     Ok(write_response(&outcome, &base, prefer))
 }
@@ -463,19 +473,25 @@ async fn read(
     let access = Access::new(&identity);
     if id == "_history" {
         audit.set(AuditInteraction::HistoryType, Some(resource_type), None);
-        access.require(resource_type, Interaction::Read)?;
-        access.require_unconfined("history across patients")?;
+        access.authorize_all_patients(
+            Some(resource_type),
+            Interaction::Read,
+            "history across patients",
+        )?;
         return changes(&store, &base, Some(resource_type), raw.as_deref()).await;
     }
     let id = parse_id(&id)?;
     audit.set(AuditInteraction::Read, Some(resource_type), Some(&id));
-    access.require(resource_type, Interaction::Read)?;
+    let confinement = access.authorize(resource_type, Interaction::Read)?;
     store.check_ready().await?;
-    access
-        .require_in_compartment(&store, resource_type, &id)
+    confinement
+        .require_existing(&store, resource_type, &id)
         .await?;
     let stored = store.read(resource_type, &id).await?;
     audit.with(|f| f.add_patients_of(&stored));
+    if withheld(&identity, &stored) {
+        return Err(ApiError::Forbidden(WITHHELD));
+    }
     Ok(version_response(
         StatusCode::OK,
         &stored,
@@ -501,14 +517,20 @@ async fn vread(
         .filter(|_| version.bytes().all(|b| b.is_ascii_digit()))
         .ok_or(ApiError::InvalidVersionId)?;
     audit.set(AuditInteraction::Vread, Some(resource_type), Some(&id));
-    let access = Access::new(&identity);
-    access.require(resource_type, Interaction::Read)?;
+    let confinement = Access::new(&identity).authorize(resource_type, Interaction::Read)?;
     store.check_ready().await?;
-    access
-        .require_in_compartment(&store, resource_type, &id)
+    confinement
+        .require_existing(&store, resource_type, &id)
         .await?;
     let stored = store.vread(resource_type, &id, version).await?;
+    // Each version's own content decides its compartment.
+    if !confinement.permits_version(resource_type, &id, stored.body.as_deref()) {
+        return Err(ApiError::OutsideCompartment);
+    }
     audit.with(|f| f.add_patients_of(&stored));
+    if withheld(&identity, &stored) {
+        return Err(ApiError::Forbidden(WITHHELD));
+    }
     Ok(version_response(
         StatusCode::OK,
         &stored,
@@ -533,18 +555,14 @@ async fn update(
     }
     let id = parse_id(&id)?;
     audit.set(AuditInteraction::Update, Some(resource_type), Some(&id));
-    let access = Access::new(&identity);
-    access.require(resource_type, Interaction::Update)?;
+    let confinement = Access::new(&identity).authorize(resource_type, Interaction::Update)?;
     let expected = if_match(&headers)?;
     let body = read_body(body, &headers, store.config().max_body_bytes).await?;
-    confined_write(&access, resource_type, &body, false)?;
+    check_body(&confinement, resource_type, &body, false)?;
     store.check_ready().await?;
-    if access.confined_patient()?.is_some() && store.read_live(resource_type, &id).await?.is_some()
-    {
-        access
-            .require_in_compartment(&store, resource_type, &id)
-            .await?;
-    }
+    confinement
+        .require_updatable(&store, resource_type, &id)
+        .await?;
     let writer = Some(WriteAudit {
         identity: &identity,
         slot: &audit,
@@ -578,11 +596,10 @@ async fn delete(
     }
     let id = parse_id(&id)?;
     audit.set(AuditInteraction::Delete, Some(resource_type), Some(&id));
-    let access = Access::new(&identity);
-    access.require(resource_type, Interaction::Delete)?;
+    let confinement = Access::new(&identity).authorize(resource_type, Interaction::Delete)?;
     store.check_ready().await?;
-    access
-        .require_in_compartment(&store, resource_type, &id)
+    confinement
+        .require_existing(&store, resource_type, &id)
         .await?;
     let writer = Some(WriteAudit {
         identity: &identity,
@@ -609,9 +626,7 @@ async fn instance_operation(
     if resource_type == "$export-output" {
         audit.set(AuditInteraction::Operation, None, None);
         audit.with(|f| f.operation = Some("$export-output"));
-        let access = Access::new(&identity);
-        access.require_all_types(Interaction::Read)?;
-        access.require_unconfined("bulk export")?;
+        Access::new(&identity).authorize_all_patients(None, Interaction::Read, "bulk export")?;
         let ndjson = store
             .exports()
             .download(&store, &id, &identity.subject, &operation)
@@ -635,17 +650,25 @@ async fn instance_operation(
         Some(resource_type),
         Some(&id),
     );
-    access.require(resource_type, Interaction::Read)?;
+    let confinement = access.authorize(resource_type, Interaction::Read)?;
     match operation.as_str() {
         "_history" => {
             store.check_ready().await?;
-            access
-                .require_in_compartment(&store, resource_type, &id)
+            confinement
+                .require_existing(&store, resource_type, &id)
                 .await?;
-            let versions = store.history(resource_type, &id).await?;
-            if let Some(latest) = versions.iter().find(|v| v.body.is_some()) {
-                audit.with(|f| f.add_patients_of(latest));
-            }
+            // Each version's own content decides its compartment.
+            let versions: Vec<StoredVersion> = store
+                .history(resource_type, &id)
+                .await?
+                .into_iter()
+                .filter(|v| {
+                    v.body.is_none()
+                        || confinement.permits_version(resource_type, &id, v.body.as_deref())
+                })
+                .filter(|v| !withheld(&identity, v))
+                .collect();
+            audit.with(|f| versions.iter().for_each(|v| f.add_patients_of(v)));
             let self_link = format!("{base}/{resource_type}/{id}/_history");
             Ok(fhir_json(
                 StatusCode::OK,
@@ -658,13 +681,20 @@ async fn instance_operation(
                 f.add_patients([id.clone()]);
             });
             store.check_ready().await?;
-            access
-                .require_in_compartment(&store, resource_type, &id)
+            confinement
+                .require_existing(&store, resource_type, &id)
                 .await?;
             let members = store.everything(&id).await?;
+            // Every member is in this patient's compartment; a type whose read is confined to
+            // another patient is left out.
             let entries: Vec<Value> = members
                 .iter()
-                .filter(|m| access.may_read(m.resource_type))
+                .filter(|m| {
+                    access
+                        .read_confinement(m.resource_type)
+                        .is_some_and(|c| c.patient().is_none_or(|p| *p == id))
+                })
+                .filter(|m| !withheld(&identity, m))
                 .map(|m| match_entry(&base, m))
                 .collect::<Result<_, _>>()?;
             Ok(fhir_json(
@@ -847,13 +877,11 @@ async fn search(
     let access = Access::new(&identity);
     if resource_type == "_history" {
         audit.set(AuditInteraction::HistorySystem, None, None);
-        access.require_all_types(Interaction::Read)?;
-        access.require_unconfined("history across patients")?;
+        access.authorize_all_patients(None, Interaction::Read, "history across patients")?;
         return changes(&store, &base, None, raw.as_deref()).await;
     }
     let resource_type = parse_type(&resource_type)?;
     audit.set(AuditInteraction::SearchType, Some(resource_type), None);
-    access.require(resource_type, Interaction::Search)?;
     let pairs = query_pairs(raw.as_deref());
     let prefer = prefer(&headers);
     let mut query = SearchQuery::parse(
@@ -862,35 +890,38 @@ async fn search(
         prefer.lenient,
     )?;
     let warnings = OperationOutcome::ignored_parameters(&query.ignored);
-    access.confine_search(&mut query)?;
+    let confinement = access.authorize_search(&mut query)?;
     store.check_ready().await?;
     let page = store.search(&query).await?;
-    audit.with(|f| {
-        f.add_patients(searched_patients(&query));
-        f.add_patients(
-            page.matches
-                .iter()
-                .filter(|m| m.resource_type == ResourceType::Patient)
-                .map(|m| m.id.clone()),
-        );
-    });
 
     // Included resources obey the same scopes and compartment as a read of them would.
-    let mut included_entries = Vec::new();
-    let confined_to = access.confined_patient()?;
+    let mut included = Vec::new();
     for stored in &page.included {
-        if !access.may_read(stored.resource_type) {
+        let Some(read) = access.read_confinement(stored.resource_type) else {
             continue;
+        };
+        if readable(&store, &read, stored.resource_type, &stored.id).await? {
+            included.push(stored);
         }
-        if let Some(patient) = &confined_to {
-            let inside = store
-                .in_compartment(patient, stored.resource_type, &stored.id)
-                .await?;
-            if !inside {
-                continue;
-            }
+    }
+    let before = page.matches.len() + included.len();
+    let matches: Vec<&StoredVersion> = page
+        .matches
+        .iter()
+        .filter(|m| !withheld(&identity, m))
+        .collect();
+    included.retain(|m| !withheld(&identity, m));
+    let withheld_count = before - matches.len() - included.len();
+    // Every returned resource names its patients in the audit trail.
+    audit.with(|f| {
+        f.add_patients(searched_patients(&query));
+        for stored in matches.iter().chain(included.iter()).copied() {
+            f.add_patients_of(stored);
         }
-        let mut entry = match_entry(&base, stored)?;
+    });
+    let mut included_entries = Vec::new();
+    for stored in included {
+        let mut entry = redacted_entry(&base, stored, &confinement)?;
         entry["search"]["mode"] = json!("include");
         included_entries.push(entry);
     }
@@ -923,12 +954,23 @@ async fn search(
     if let Some(cursor) = &page.next_cursor {
         links.push(json!({"relation": "next", "url": link(Some(("_cursor", cursor)))}));
     }
-    let mut entries: Vec<Value> = page
-        .matches
+    let mut entries: Vec<Value> = matches
         .iter()
-        .map(|m| match_entry(&base, m))
+        .map(|m| redacted_entry(&base, m, &confinement))
         .collect::<Result<_, _>>()?;
     entries.extend(included_entries);
+    let mut warnings = warnings;
+    if withheld_count > 0 {
+        warnings.issues.extend(
+            OperationOutcome::single(
+                Severity::Information,
+                IssueType::Suppressed,
+                format!("{withheld_count} resource(s) withheld: {WITHHELD}"),
+                None,
+            )
+            .issues,
+        );
+    }
     if !warnings.issues.is_empty() {
         entries.push(json!({
             "resource": warnings.to_json(),
@@ -964,24 +1006,44 @@ fn searched_patients(query: &SearchQuery) -> Vec<ResourceId> {
         .collect()
 }
 
-/// For a patient-confined identity: the resource in `body` must be in its patient's
-/// compartment; a confined identity cannot create a Patient (the server assigns the id). Bodies
-/// that do not parse are left for the store to refuse with the precise error.
-fn confined_write(
-    access: &Access<'_>,
+/// The resource in `body` must be writable under `confinement`. Bodies that do not parse are
+/// left for the store to refuse with the precise error.
+fn check_body(
+    confinement: &Confinement,
     resource_type: ResourceType,
     body: &[u8],
     create: bool,
 ) -> Result<(), ApiError> {
-    if access.confined_patient()?.is_none() {
+    if confinement.patient().is_none() {
         return Ok(());
     }
-    if create && resource_type == ResourceType::Patient {
-        return Err(ApiError::OutsideCompartment);
-    }
     match shcr_fhir::resource::Resource::parse(body, Some(resource_type)) {
-        Ok(resource) => access.require_names_patient(&patient_compartment(&resource)),
+        Ok(resource) => confinement.require_writable(&resource, create),
         Err(_) => Ok(()),
+    }
+}
+
+/// A search match entry; an AuditEvent shown to a patient-confined reader names no other
+/// patient (an access to several records is logged once, naming each).
+fn redacted_entry(
+    base: &str,
+    stored: &StoredVersion,
+    confinement: &Confinement,
+) -> Result<Value, ApiError> {
+    let mut entry = match_entry(base, stored)?;
+    if let (ResourceType::AuditEvent, Some(patient)) = (stored.resource_type, confinement.patient())
+    {
+        redact_audit_event(&mut entry["resource"], patient);
+    }
+    Ok(entry)
+}
+
+/// Keeps, of an AuditEvent's `entity` entries, those that reference nothing or `patient`
+/// itself: the other records an access touched may be other patients'.
+pub(super) fn redact_audit_event(event: &mut Value, patient: &ResourceId) {
+    let own = format!("Patient/{patient}");
+    if let Some(entities) = event.get_mut("entity").and_then(Value::as_array_mut) {
+        entities.retain(|e| e["what"]["reference"].as_str().is_none_or(|r| r == own));
     }
 }
 

@@ -21,6 +21,7 @@
 //!   identity reaches only its patient's compartment;
 //! - every error is an `OperationOutcome` with its status; no patient data in logs or errors.
 
+mod access;
 mod audit;
 mod auth;
 mod bundle;
