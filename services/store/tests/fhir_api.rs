@@ -2409,7 +2409,7 @@ async fn an_oversized_bundle_is_413_and_stores_nothing() -> Result<()> {
 // Bulk $export
 
 /// Polls an export status URL until the manifest is ready.
-async fn export_manifest(client: &reqwest::Client, status_url: &str) -> Result<Value> {
+async fn export_manifest(client: &AssertingClient, status_url: &str) -> Result<Value> {
     for _ in 0..200 {
         let resp = client.get(status_url).send().await?;
         match resp.status() {
