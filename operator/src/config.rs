@@ -262,7 +262,10 @@ mod tests {
 
     #[test]
     fn the_gateway_public_url_must_be_an_origin() {
-        assert_eq!(OperatorConfig::default().store_public_origin().ok(), Some(None));
+        assert_eq!(
+            OperatorConfig::default().store_public_origin().ok(),
+            Some(None)
+        );
         let config = OperatorConfig {
             gateway_public_url: Some("https://FHIR.example.nhs.uk/".to_owned()),
             ..OperatorConfig::default()

@@ -334,7 +334,10 @@ async fn main() -> Result<()> {
     let direct = Target {
         name: "store",
         base: format!("http://{store_addr}"),
-        header: (ASSERTION_HEADER, HeaderValue::from_static("signed-per-request")),
+        header: (
+            ASSERTION_HEADER,
+            HeaderValue::from_static("signed-per-request"),
+        ),
         asserting: Some(Arc::new((direct_signer, assertion_identity.clone()))),
     };
     let through = Target {

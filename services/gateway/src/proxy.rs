@@ -318,31 +318,29 @@ impl Proxy {
             }
         };
         let deadline = arrived + self.settings.request_timeout;
-        let body = match tokio::time::timeout_at(
-            deadline,
-            Limited::new(body, limit as usize).collect(),
-        )
-        .await
-        {
-            Err(_) => {
-                return outcome(
-                    StatusCode::REQUEST_TIMEOUT,
-                    IssueType::Timeout,
-                    "the request body did not arrive in time",
-                );
-            }
-            Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
-                return self.too_large(route);
-            }
-            Ok(Err(_)) => {
-                return outcome(
-                    StatusCode::BAD_REQUEST,
-                    IssueType::Invalid,
-                    "the request body could not be read",
-                );
-            }
-            Ok(Ok(collected)) => collected.to_bytes(),
-        };
+        let body =
+            match tokio::time::timeout_at(deadline, Limited::new(body, limit as usize).collect())
+                .await
+            {
+                Err(_) => {
+                    return outcome(
+                        StatusCode::REQUEST_TIMEOUT,
+                        IssueType::Timeout,
+                        "the request body did not arrive in time",
+                    );
+                }
+                Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
+                    return self.too_large(route);
+                }
+                Ok(Err(_)) => {
+                    return outcome(
+                        StatusCode::BAD_REQUEST,
+                        IssueType::Invalid,
+                        "the request body could not be read",
+                    );
+                }
+                Ok(Ok(collected)) => collected.to_bytes(),
+            };
         prepare_request_headers(&mut parts.headers, request_id);
         if let Some(identity) = identity {
             let target = uri.path_and_query().map_or("/", |pq| pq.as_str());

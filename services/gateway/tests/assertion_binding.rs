@@ -25,7 +25,9 @@ const NE_MEMBERS: &[&str] = &["RTD", "A84001"];
 
 /// A wiretap between the gateway and `store`: forwards every request and keeps the assertion
 /// it carried, as an attacker on the cluster network could.
-async fn wiretap(store: std::net::SocketAddr) -> Result<(std::net::SocketAddr, Arc<Mutex<Vec<String>>>)> {
+async fn wiretap(
+    store: std::net::SocketAddr,
+) -> Result<(std::net::SocketAddr, Arc<Mutex<Vec<String>>>)> {
     let captured = Arc::new(Mutex::new(Vec::new()));
     let seen = captured.clone();
     let http = reqwest::Client::new();
@@ -34,12 +36,19 @@ async fn wiretap(store: std::net::SocketAddr) -> Result<(std::net::SocketAddr, A
         let http = http.clone();
         async move {
             let (parts, body) = request.into_parts();
-            if let Some(token) = parts.headers.get(ASSERTION_HEADER).and_then(|v| v.to_str().ok()) {
+            if let Some(token) = parts
+                .headers
+                .get(ASSERTION_HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
                 seen.lock().expect("lock").push(token.to_owned());
             }
-            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+            let body = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .unwrap_or_default();
             let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-            let mut forwarded = http.request(parts.method.clone(), format!("http://{store}{target}"));
+            let mut forwarded =
+                http.request(parts.method.clone(), format!("http://{store}{target}"));
             for (name, value) in &parts.headers {
                 if name != "host" {
                     forwarded = forwarded.header(name, value);
@@ -158,7 +167,10 @@ async fn each_assertion_is_bound_and_carries_issuer_and_public_origin() -> Resul
     // inspecting upstream verifies each assertion against what it received, once.
     for _ in 0..2 {
         let response = http
-            .post(format!("{}/north-east/fhir/Patient?_format=json", gateway.base))
+            .post(format!(
+                "{}/north-east/fhir/Patient?_format=json",
+                gateway.base
+            ))
             .bearer_auth(&token)
             .header("x-request-id", "same-id")
             .header("host", "evil.example")
@@ -233,9 +245,18 @@ async fn gateway_refusals_are_in_the_care_systems_audit_trail() -> Result<()> {
         .find(|e| e["outcomeDesc"].as_str().is_some_and(|d| d.contains("403")))
         .context("the 403 is audited")?;
     assert_eq!(forbidden["outcome"], "4");
-    assert_eq!(forbidden["agent"][0]["who"]["identifier"]["value"], "outsider-1");
-    assert_eq!(forbidden["agent"][0]["extension"][0]["valueUri"], DEV_ISSUER);
-    assert_eq!(forbidden["agent"][1]["who"]["identifier"]["value"], "Y99999");
+    assert_eq!(
+        forbidden["agent"][0]["who"]["identifier"]["value"],
+        "outsider-1"
+    );
+    assert_eq!(
+        forbidden["agent"][0]["extension"][0]["valueUri"],
+        DEV_ISSUER
+    );
+    assert_eq!(
+        forbidden["agent"][1]["who"]["identifier"]["value"],
+        "Y99999"
+    );
     assert_eq!(forbidden["entity"][0]["type"]["code"], "Patient");
     assert_eq!(forbidden["subtype"][0]["code"], "read");
     let unauthenticated = events
@@ -243,7 +264,10 @@ async fn gateway_refusals_are_in_the_care_systems_audit_trail() -> Result<()> {
         .find(|e| e["outcomeDesc"].as_str().is_some_and(|d| d.contains("401")))
         .context("the 401 is audited")?;
     assert_eq!(unauthenticated["outcome"], "4");
-    assert_eq!(unauthenticated["agent"][0]["who"]["display"], "unauthenticated");
+    assert_eq!(
+        unauthenticated["agent"][0]["who"]["display"],
+        "unauthenticated"
+    );
     assert_eq!(unauthenticated["entity"][0]["type"]["code"], "Observation");
     // What was attempted, never what it named.
     for event in &events {

@@ -364,8 +364,8 @@ impl AssertionSigner {
     fn sign_claims(&self, typ: &str, claims: &impl Serialize) -> Result<String, AssertionError> {
         // The JWS compact serialisation (RFC 7515 §7.1) of the same header jsonwebtoken writes;
         // verification stays with jsonwebtoken.
-        let header = serde_json::to_vec(&header(typ))
-            .map_err(|e| AssertionError::Signing(e.to_string()))?;
+        let header =
+            serde_json::to_vec(&header(typ)).map_err(|e| AssertionError::Signing(e.to_string()))?;
         let payload =
             serde_json::to_vec(claims).map_err(|e| AssertionError::Signing(e.to_string()))?;
         let signing_input = format!(
@@ -634,8 +634,7 @@ impl Audience for RefusalClaims {
 }
 
 fn check_lifetime(iat: u64, exp: u64) -> Result<(), AssertionError> {
-    if exp.saturating_sub(iat) > MAX_LIFETIME.as_secs() || iat > unix_now() + CLOCK_SKEW.as_secs()
-    {
+    if exp.saturating_sub(iat) > MAX_LIFETIME.as_secs() || iat > unix_now() + CLOCK_SKEW.as_secs() {
         return Err(AssertionError::Expired);
     }
     Ok(())
@@ -713,7 +712,10 @@ mod tests {
             .expect("accepted");
         assert_eq!(identity, self::identity());
         assert_eq!(identity.issuer, "https://idp.example/realms/a");
-        assert_eq!(identity.origin.as_deref(), Some("https://fhir.example.nhs.uk"));
+        assert_eq!(
+            identity.origin.as_deref(),
+            Some("https://fhir.example.nhs.uk")
+        );
     }
 
     #[test]
@@ -737,15 +739,21 @@ mod tests {
         let verifier = signer.verifier();
         let body = br#"{"resourceType":"Patient"}"#;
         let post = RequestBinding::new("POST", "/north-east/fhir/Patient", body);
-        let other = |token: &str, method: &str, target: &str| {
-            match verifier.verify(token, "north-east", method, target) {
-                Err(AssertionError::OtherRequest { what }) => what,
-                other => panic!("expected OtherRequest, got {other:?}"),
-            }
+        let other = |token: &str, method: &str, target: &str| match verifier.verify(
+            token,
+            "north-east",
+            method,
+            target,
+        ) {
+            Err(AssertionError::OtherRequest { what }) => what,
+            other => panic!("expected OtherRequest, got {other:?}"),
         };
         let token = sign(&signer, &post);
         assert_eq!(other(&token, "PUT", "/north-east/fhir/Patient"), "method");
-        assert_eq!(other(&token, "POST", "/north-east/fhir/Observation"), "path and query");
+        assert_eq!(
+            other(&token, "POST", "/north-east/fhir/Observation"),
+            "path and query"
+        );
         assert_eq!(
             other(&token, "POST", "/north-east/fhir/Patient?x=1"),
             "path and query"
@@ -772,7 +780,11 @@ mod tests {
         let first = sign(&signer, &get());
         let second = sign(&signer, &get());
         assert_ne!(payload(&first)["jti"], payload(&second)["jti"]);
-        assert_ne!(payload(&first)["jti"], "req-1", "the request id is not the jti");
+        assert_ne!(
+            payload(&first)["jti"],
+            "req-1",
+            "the request id is not the jti"
+        );
         assert_eq!(payload(&first)["rid"], "req-1");
         let accept = |token: &str| {
             verifier

@@ -228,8 +228,8 @@ async fn an_assertion_for_another_method_path_query_or_body_is_refused() -> Resu
 
     // Minted for one body: not for another.
     let honest = patient("p1").to_string();
-    let forged = json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "Forged"}]})
-        .to_string();
+    let forged =
+        json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "Forged"}]}).to_string();
     let update = s.assertion(&me, "PUT", "/north-east/fhir/Patient/p1", &honest);
     let (status, reply) = s
         .send_with("PUT", "/north-east/fhir/Patient/p1", &forged, &update)
@@ -308,7 +308,10 @@ async fn gateway_refusal_notices_are_audited_once() -> Result<()> {
             .unwrap_or_default()
             .contains("403")
     );
-    assert_eq!(event["agent"][0]["who"]["identifier"]["value"], "intruder-1");
+    assert_eq!(
+        event["agent"][0]["who"]["identifier"]["value"],
+        "intruder-1"
+    );
     assert_eq!(
         event["agent"][0]["extension"][0]["valueUri"],
         "https://idp-b.example"

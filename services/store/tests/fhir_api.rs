@@ -373,13 +373,18 @@ impl AssertedRequest {
         };
         // A streamed body cannot be digested up front; it is signed as empty (the store
         // refuses it unless it is refused first for its size).
-        let body = request.body().and_then(|b| b.as_bytes()).unwrap_or_default();
+        let body = request
+            .body()
+            .and_then(|b| b.as_bytes())
+            .unwrap_or_default();
         let binding = RequestBinding::new(request.method().as_str(), &target, body);
-        let token = self
-            .client
-            .signer
-            .sign(&self.client.identity, &binding, Duration::from_secs(300))?;
-        request.headers_mut().insert(ASSERTION_HEADER, token.parse()?);
+        let token =
+            self.client
+                .signer
+                .sign(&self.client.identity, &binding, Duration::from_secs(300))?;
+        request
+            .headers_mut()
+            .insert(ASSERTION_HEADER, token.parse()?);
         Ok(self.client.http.execute(request).await?)
     }
 }
@@ -1531,7 +1536,10 @@ async fn requests_without_a_valid_assertion_are_401_and_touch_nothing() -> Resul
         ),
         (
             "another care system",
-            Some(s.signer.sign(&other_system, &any_request, Duration::from_secs(60))?),
+            Some(
+                s.signer
+                    .sign(&other_system, &any_request, Duration::from_secs(60))?,
+            ),
         ),
     ];
     for (what, token) in cases {

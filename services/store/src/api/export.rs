@@ -24,13 +24,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use shcr_identity::Identity;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde_json::{Value, json};
 use shcr_fhir::datetime::{DateRange, Strictness, format_instant};
 use shcr_fhir::resource::ResourceType;
 use shcr_fhir::search::{MAX_COUNT, SearchQuery, find_param};
+use shcr_identity::Identity;
 use tokio::sync::Mutex;
 
 use super::error::ApiError;
@@ -208,7 +208,11 @@ impl ExportJobs {
     }
 
     /// `Ok(None)` while running (with the progress text), `Ok(Some(manifest))` when done.
-    pub async fn status(&self, id: &str, owner: &Identity) -> Result<Result<Value, String>, ApiError> {
+    pub async fn status(
+        &self,
+        id: &str,
+        owner: &Identity,
+    ) -> Result<Result<Value, String>, ApiError> {
         let job = self.job(id, owner).await?;
         let state = job.state.lock().await;
         match &*state {
@@ -223,7 +227,12 @@ impl ExportJobs {
     }
 
     /// Cancels a job and deletes its files.
-    pub async fn cancel(&self, store: &FhirStore, id: &str, owner: &Identity) -> Result<(), ApiError> {
+    pub async fn cancel(
+        &self,
+        store: &FhirStore,
+        id: &str,
+        owner: &Identity,
+    ) -> Result<(), ApiError> {
         let job = self.job(id, owner).await?;
         job.cancelled.store(true, Ordering::SeqCst);
         self.jobs.lock().await.remove(id);

@@ -567,10 +567,7 @@ async fn delete(
     if resource_type == "$export-status" {
         audit.set(AuditInteraction::Operation, None, None);
         audit.with(|f| f.operation = Some("$export-cancel"));
-        store
-            .exports()
-            .cancel(&store, &id, &identity)
-            .await?;
+        store.exports().cancel(&store, &id, &identity).await?;
         return Ok(StatusCode::ACCEPTED.into_response());
     }
     let resource_type = parse_type(&resource_type)?;
