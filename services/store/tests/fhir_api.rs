@@ -217,13 +217,12 @@ impl TestServer {
     }
 
     async fn post(&self, path: &str, body: &Value) -> Result<reqwest::Response> {
-        Ok(self
-            .http
+        self.http
             .post(self.url(path))
             .header("content-type", "application/fhir+json")
             .body(body.to_string())
             .send()
-            .await?)
+            .await
     }
 
     async fn put(
@@ -240,11 +239,11 @@ impl TestServer {
         if let Some(etag) = if_match {
             req = req.header("if-match", etag);
         }
-        Ok(req.send().await?)
+        req.send().await
     }
 
     async fn get(&self, path: &str) -> Result<reqwest::Response> {
-        Ok(self.http.get(self.url(path)).send().await?)
+        self.http.get(self.url(path)).send().await
     }
 
     async fn get_json(&self, path: &str) -> Result<(StatusCode, Value)> {

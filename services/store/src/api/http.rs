@@ -352,7 +352,7 @@ async fn export_kickoff(
     store.check_ready().await?;
     let job = store
         .exports()
-        .start(store.clone(), &identity, request, base.to_string())
+        .start(store.clone(), identity, request, base.to_string())
         .await?;
     let location = format!("{base}/$export-status/{job}");
     Response::builder()
@@ -364,7 +364,7 @@ async fn export_kickoff(
 
 /// `$export` status polling: 202 with `X-Progress` while running, 200 with the manifest.
 async fn export_status(store: &FhirStore, identity: &Identity, job: &str) -> ApiResult {
-    match store.exports().status(job, &identity).await? {
+    match store.exports().status(job, identity).await? {
         Err(progress) => Response::builder()
             .status(StatusCode::ACCEPTED)
             .header("x-progress", progress)
