@@ -38,6 +38,12 @@ pub struct OperatorConfig {
     /// File holding the gateway's identity-assertion public key (SPKI `PUBLIC KEY` PEM, Ed25519).
     /// Every store gets it (`SHCR_STORE_ASSERTION_PUBLIC_KEY`) to verify who is asking. Required.
     pub assertion_public_key_file: Option<PathBuf>,
+    /// The URL clients reach the gateway's FHIR API under (an origin such as
+    /// `https://fhir.example.nhs.uk`, no path). Every store gets it as
+    /// `SHCR_STORE_PUBLIC_ORIGIN`, so the absolute links it writes (`Location`, `fullUrl`,
+    /// paging) name the gateway and never come from a client's `Host` header. Absent: stores
+    /// get none (the operator warns at start-up).
+    pub gateway_public_url: Option<String>,
     /// Namespace the gateway runs in: the only source of traffic a store accepts.
     pub gateway_namespace: String,
     /// Labels selecting the gateway's pods in `gateway_namespace`.
@@ -80,6 +86,7 @@ impl Default for OperatorConfig {
             kms_endpoint: None,
             region: None,
             assertion_public_key_file: None,
+            gateway_public_url: None,
             gateway_namespace: "shcr-system".to_owned(),
             gateway_pod_labels: BTreeMap::from([(
                 "app.kubernetes.io/name".to_owned(),
@@ -131,6 +138,11 @@ pub struct OperatorArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub assertion_public_key_file: Option<PathBuf>,
 
+    /// The URL clients reach the gateway under, e.g. https://fhir.example.nhs.uk; stores build links from it
+    #[arg(long, env = "SHCR_OPERATOR_GATEWAY_PUBLIC_URL", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_public_url: Option<String>,
+
     /// Namespace the gateway runs in [default: shcr-system]
     #[arg(
         long,
@@ -140,6 +152,25 @@ pub struct OperatorArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway_namespace: Option<String>,
 }
+
+impl OperatorConfig {
+    /// The stores' public origin: [`Self::gateway_public_url`] checked and normalised
+    /// (`None` when not configured).
+    pub fn store_public_origin(&self) -> Result<Option<String>, GatewayUrlError> {
+        self.gateway_public_url
+            .as_deref()
+            .map(shcr_identity::public_origin)
+            .transpose()
+            .map_err(GatewayUrlError)
+    }
+}
+
+/// Why `gateway_public_url` is unusable.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "gateway_public_url (--gateway-public-url, SHCR_OPERATOR_GATEWAY_PUBLIC_URL) is not usable: {0}"
+)]
+pub struct GatewayUrlError(#[source] pub shcr_identity::OriginError);
 
 /// The gateway's identity-assertion public key, checked to be an Ed25519 SPKI PEM. Stores get
 /// its PEM text and verify with it the identity the gateway asserts on every request.
@@ -227,6 +258,28 @@ mod tests {
             assertion_public_key_file: path,
             ..OperatorConfig::default()
         }
+    }
+
+    #[test]
+    fn the_gateway_public_url_must_be_an_origin() {
+        assert_eq!(
+            OperatorConfig::default().store_public_origin().ok(),
+            Some(None)
+        );
+        let config = OperatorConfig {
+            gateway_public_url: Some("https://FHIR.example.nhs.uk/".to_owned()),
+            ..OperatorConfig::default()
+        };
+        assert_eq!(
+            config.store_public_origin().ok(),
+            Some(Some("https://fhir.example.nhs.uk".to_owned()))
+        );
+        let config = OperatorConfig {
+            gateway_public_url: Some("fhir.example.nhs.uk/fhir".to_owned()),
+            ..OperatorConfig::default()
+        };
+        let err = config.store_public_origin().expect_err("not an origin");
+        assert!(err.to_string().contains("gateway_public_url"), "{err}");
     }
 
     #[test]

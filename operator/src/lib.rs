@@ -39,6 +39,8 @@ use shcr_runtime::metrics::{MetricsRegistry, Readiness, ReadyFlag};
 pub enum RunError {
     #[error(transparent)]
     AssertionKey(#[from] AssertionKeyError),
+    #[error(transparent)]
+    GatewayUrl(#[from] config::GatewayUrlError),
     #[error("cannot connect to Kubernetes: set KUBECONFIG or run in a pod with a service account")]
     Connect(#[source] kube::Error),
     #[error(
@@ -75,6 +77,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), RunError> {
     let assertion_public_key = AssertionPublicKey::load(&config)?;
+    check_gateway_public_url(&config)?;
     let kube = kube::Client::try_default()
         .await
         .map_err(RunError::Connect)?;
@@ -97,7 +100,19 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), RunError> {
     let assertion_public_key = AssertionPublicKey::load(&config)?;
+    check_gateway_public_url(&config)?;
     serve(clients, config, assertion_public_key, shutdown).await
+}
+
+/// Refuses an unusable `gateway_public_url`; warns when there is none.
+fn check_gateway_public_url(config: &OperatorConfig) -> Result<(), config::GatewayUrlError> {
+    if config.store_public_origin()?.is_none() {
+        tracing::warn!(
+            "no gateway_public_url is configured: stores get no SHCR_STORE_PUBLIC_ORIGIN and \
+             build absolute links from the identity assertion's origin or the request"
+        );
+    }
+    Ok(())
 }
 
 async fn serve(

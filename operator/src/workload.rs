@@ -304,6 +304,10 @@ impl<'a> Workload<'a> {
         if let Some(endpoint) = &self.config.kms_endpoint {
             data.insert("SHCR_STORE_KMS_ENDPOINT", endpoint.clone());
         }
+        // Checked at start-up (`check_gateway_public_url`): an unusable one never gets here.
+        if let Ok(Some(origin)) = self.config.store_public_origin() {
+            data.insert("SHCR_STORE_PUBLIC_ORIGIN", origin);
+        }
         json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",
@@ -503,6 +507,27 @@ mod tests {
             workload.deployment(&config_map)["spec"]["template"]["spec"]["containers"][0]["envFrom"]
                 [0]["configMapRef"]["name"],
             STORE_NAME
+        );
+    }
+
+    #[test]
+    fn stores_build_links_from_the_gateways_public_url() {
+        let cs = care_system(&["RR8"]);
+        let config = OperatorConfig::default();
+        let workload = Workload::new(&cs, &config).expect("named");
+        assert!(
+            workload.config_map(&PROVISIONED)["data"]
+                .get("SHCR_STORE_PUBLIC_ORIGIN")
+                .is_none()
+        );
+        let config = OperatorConfig {
+            gateway_public_url: Some("https://fhir.example.nhs.uk/".to_owned()),
+            ..OperatorConfig::default()
+        };
+        let workload = Workload::new(&cs, &config).expect("named");
+        assert_eq!(
+            workload.config_map(&PROVISIONED)["data"]["SHCR_STORE_PUBLIC_ORIGIN"],
+            "https://fhir.example.nhs.uk"
         );
     }
 

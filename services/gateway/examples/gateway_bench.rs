@@ -33,7 +33,7 @@ use shcr_gateway::config::SmartConfig;
 use shcr_gateway::metrics::GatewayMetrics;
 use shcr_gateway::proxy::{Proxy, ProxySettings};
 use shcr_gateway::routing::{RouteSpec, TenantRouter};
-use shcr_identity::{ASSERTION_HEADER, AssertionSigner, Identity, Scopes};
+use shcr_identity::{ASSERTION_HEADER, AssertionSigner, Identity, RequestBinding, Scopes};
 use shcr_runtime::metrics::MetricsRegistry;
 use shcr_store::CareSystemName;
 use shcr_store::api::{FhirStore, FhirStoreConfig};
@@ -55,6 +55,9 @@ struct Target {
     name: &'static str,
     base: String,
     header: (&'static str, HeaderValue),
+    /// Straight to the store: each request needs an assertion of its own (bound to it, used
+    /// once), signed here as the gateway would.
+    asserting: Option<Arc<(AssertionSigner, Identity)>>,
 }
 
 #[derive(Debug)]
@@ -119,7 +122,11 @@ fn signing_cost(signer: &AssertionSigner, identity: &Identity) -> Result<()> {
     let der = pem::parse(signer.to_pkcs8_pem())?.into_contents();
     let started = Instant::now();
     for _ in 0..N {
-        signer.sign(identity, Duration::from_secs(60))?;
+        signer.sign(
+            identity,
+            &RequestBinding::new("GET", "/bench/fhir/Patient/p1", b""),
+            Duration::from_secs(60),
+        )?;
     }
     let sign_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(N);
     let started = Instant::now();
@@ -143,8 +150,18 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 async fn one(client: &HttpClient, target: &Target, id: usize) -> Result<()> {
-    let request = Request::get(format!("{}/{CARE_SYSTEM}/fhir/Patient/p{id}", target.base))
-        .header(target.header.0, target.header.1.clone())
+    let path = format!("/{CARE_SYSTEM}/fhir/Patient/p{id}");
+    let header = match &target.asserting {
+        Some(asserting) => {
+            let (signer, identity) = &**asserting;
+            let binding = RequestBinding::new("GET", &path, b"");
+            let token = signer.sign(identity, &binding, Duration::from_secs(60))?;
+            (ASSERTION_HEADER, HeaderValue::from_str(&token)?)
+        }
+        None => target.header.clone(),
+    };
+    let request = Request::get(format!("{}{path}", target.base))
+        .header(header.0, header.1)
         .body(Empty::new())?;
     let response = client.request(request).await?;
     let status = response.status();
@@ -179,6 +196,7 @@ async fn run(
             name: target.name,
             base: target.base.clone(),
             header: target.header.clone(),
+            asserting: target.asserting.clone(),
         };
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
@@ -255,9 +273,9 @@ async fn main() -> Result<()> {
 
     let issuer = DevIssuer::load_or_create(dir.path())?;
     let token = issuer.issue(&TokenRequest::new(CARE_SYSTEM, "RTD", "R8000"))?;
-    // Straight to the store: the assertion the gateway would make, signed once (it is valid
-    // for 300 s, longer than a run).
+    // Straight to the store: the assertions the gateway would make, one per request.
     let assertion_identity = Identity {
+        issuer: shcr_gateway::auth::DEV_ISSUER.into(),
         subject: "dev-user".into(),
         organisation: "RTD".into(),
         role: "R8000".into(),
@@ -266,9 +284,10 @@ async fn main() -> Result<()> {
         care_system: CARE_SYSTEM.into(),
         break_glass_reason: None,
         request_id: "bench".into(),
+        origin: None,
     };
-    let assertion = signer.sign(&assertion_identity, Duration::from_secs(300))?;
     let signer_for_costs = AssertionSigner::from_pkcs8_pem(&signer.to_pkcs8_pem())?;
+    let direct_signer = AssertionSigner::from_pkcs8_pem(&signer.to_pkcs8_pem())?;
 
     let router = TenantRouter::new(shcr_gateway::limits::LimitsConfig {
         requests_per_second: 0,
@@ -315,7 +334,11 @@ async fn main() -> Result<()> {
     let direct = Target {
         name: "store",
         base: format!("http://{store_addr}"),
-        header: (ASSERTION_HEADER, HeaderValue::from_str(&assertion)?),
+        header: (
+            ASSERTION_HEADER,
+            HeaderValue::from_static("signed-per-request"),
+        ),
+        asserting: Some(Arc::new((direct_signer, assertion_identity.clone()))),
     };
     let through = Target {
         name: "gateway",
@@ -324,6 +347,7 @@ async fn main() -> Result<()> {
             "authorization",
             HeaderValue::from_str(&format!("Bearer {token}"))?,
         ),
+        asserting: None,
     };
 
     println!(

@@ -21,7 +21,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::HeaderValue;
 use http::{HeaderMap, HeaderName, Method, header};
 use serde_json::{Value, json};
-use shcr_identity::Identity;
+use shcr_identity::{Identity, RefusedActor};
 
 use crate::auth::{
     AuthConfigError, Authenticator, IssuerConfig, JwksSource, Principal, RequestClass, classify,
@@ -40,10 +40,12 @@ pub enum AccessDecision {
     Public,
     /// Forward with this identity.
     Allowed(Identity),
-    /// Refused; `reason` is a metrics label.
+    /// Refused; `reason` is a metrics label, `actor` who was refused when the token was
+    /// verified (for the care system's audit trail).
     Refused {
         reason: &'static str,
         response: Response,
+        actor: Option<RefusedActor>,
     },
 }
 
@@ -88,6 +90,7 @@ impl AccessControl {
                 return AccessDecision::Refused {
                     reason: "unsupported",
                     response: unclassified.into_response(),
+                    actor: None,
                 };
             }
         };
@@ -111,6 +114,7 @@ impl AccessControl {
                     return AccessDecision::Refused {
                         reason: "unauthenticated",
                         response: error.into_response(),
+                        actor: None,
                     };
                 }
             },
@@ -122,6 +126,12 @@ impl AccessControl {
             return AccessDecision::Refused {
                 reason: "forbidden",
                 response: denial.into_response(),
+                actor: Some(RefusedActor {
+                    issuer: principal.issuer.clone(),
+                    subject: principal.subject.clone(),
+                    organisation: principal.organisation.clone(),
+                    role: principal.role.clone(),
+                }),
             };
         }
         AccessDecision::Allowed(principal.identity(

@@ -23,6 +23,11 @@ pub struct GatewayConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served (also answered on `listen`,
     /// except `/metrics`).
     pub metrics_listen: SocketAddr,
+    /// The URL clients reach the FHIR API under (`https://fhir.example.nhs.uk`): an origin,
+    /// no path. Every identity assertion carries it, so stores build absolute links
+    /// (`Location`, `fullUrl`, paging) from it and never from a client's `Host`. Absent:
+    /// `http://` and `listen` (`localhost` for an unspecified address).
+    pub public_url: Option<String>,
     /// The identity providers whose tokens are accepted. Empty: none (every request is 401).
     pub issuers: Vec<IssuerConfig>,
     /// PKCS#8 PEM of the Ed25519 key that signs identity assertions for the stores (the stores
@@ -44,12 +49,27 @@ impl Default for GatewayConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            public_url: None,
             issuers: Vec::new(),
             assertion_key_file: None,
             routing: RoutingSource::default(),
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
             smart: SmartConfig::default(),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// The origin the FHIR API is served under: [`Self::public_url`] checked and normalised,
+    /// or derived from [`Self::listen`].
+    pub fn public_origin(&self) -> Result<String, shcr_identity::OriginError> {
+        match &self.public_url {
+            Some(url) => shcr_identity::public_origin(url),
+            None if self.listen.ip().is_unspecified() => {
+                Ok(format!("http://localhost:{}", self.listen.port()))
+            }
+            None => Ok(format!("http://{}", self.listen)),
         }
     }
 }
@@ -122,6 +142,10 @@ pub struct GatewayArgs {
     #[arg(long, env = "SHCR_GATEWAY_METRICS_LISTEN", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    /// The URL clients reach the FHIR API under, e.g. https://fhir.example.nhs.uk [default: http:// and the listen address]
+    #[arg(long, env = "SHCR_GATEWAY_PUBLIC_URL", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
     /// PKCS#8 PEM of the Ed25519 key that signs identity assertions for the stores
     #[arg(long, env = "SHCR_GATEWAY_ASSERTION_KEY_FILE", value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -187,5 +211,36 @@ mod tests {
         );
         let err = serde_yaml::from_str::<GatewayConfig>("limts: {}\n").expect_err("typo");
         assert!(err.to_string().contains("limts"), "{err}");
+    }
+
+    #[test]
+    fn the_public_origin_is_configured_or_derived_from_listen() {
+        let config = GatewayConfig::default();
+        assert_eq!(
+            config.public_origin().as_deref(),
+            Ok("http://localhost:8080")
+        );
+        let config = GatewayConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            ..GatewayConfig::default()
+        };
+        assert_eq!(
+            config.public_origin().as_deref(),
+            Ok("http://127.0.0.1:9000")
+        );
+        let config = GatewayConfig {
+            public_url: Some("https://fhir.example.nhs.uk/".to_owned()),
+            ..GatewayConfig::default()
+        };
+        assert_eq!(
+            config.public_origin().as_deref(),
+            Ok("https://fhir.example.nhs.uk")
+        );
+        let config = GatewayConfig {
+            public_url: Some("https://fhir.example.nhs.uk/fhir".to_owned()),
+            ..GatewayConfig::default()
+        };
+        let err = config.public_origin().expect_err("a path");
+        assert!(err.to_string().contains("no path"), "{err}");
     }
 }

@@ -1,5 +1,5 @@
 //! The gateway's Prometheus metrics: requests by care system and status class, latency to the
-//! response head, and refusals by reason.
+//! response head, refusals by reason, and the refusal notices sent to stores by outcome.
 //!
 //! Invariant: label values are bounded sets — a care system label is only ever a name from the
 //! routing table (anything else is `unknown`), status classes are `1xx`..`5xx`, reasons are fixed
@@ -31,12 +31,19 @@ struct RefusalLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NoticeLabels {
+    care_system: String,
+    outcome: &'static str,
+}
+
 /// The gateway's metrics; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct GatewayMetrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<CareSystemLabel, Histogram>,
     refusals: Family<RefusalLabels, Counter>,
+    notices: Family<NoticeLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -51,6 +58,7 @@ impl GatewayMetrics {
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             refusals: Family::default(),
+            notices: Family::default(),
         };
         registry.register(
             "gateway_requests",
@@ -67,7 +75,22 @@ impl GatewayMetrics {
             "Requests the gateway refused itself, by care system and reason (unauthenticated, forbidden, rate, concurrency, too_large, not_ready, unknown_care_system)",
             metrics.refusals.clone(),
         );
+        registry.register(
+            "gateway_refusal_notices",
+            "Refusal notices for stores' audit trails, by care system and outcome (recorded: the store took it; dropped: the queue was full; failed: the store could not be told)",
+            metrics.notices.clone(),
+        );
         metrics
+    }
+
+    /// Counts one refusal notice by `outcome` (`recorded`, `dropped` or `failed`).
+    pub fn refusal_notice(&self, care_system: &str, outcome: &'static str) {
+        self.notices
+            .get_or_create(&NoticeLabels {
+                care_system: care_system.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     /// Counts one answered request.

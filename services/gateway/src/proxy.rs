@@ -2,16 +2,24 @@
 //!
 //! For each request, in order: resolve the care system (404 unknown, 503 not ready), serve SMART
 //! discovery locally, refuse declared oversize bodies (413), authenticate the bearer token (401),
-//! authorise it for this care system — member organisation, SMART scopes (403), admit it under
-//! the care system's rate and concurrency limits (429), then forward it with a freshly signed
-//! identity assertion over a pooled HTTP/1.1 connection, streaming both bodies.
+//! authorise it for this care system — member organisation, SMART scopes (403; 401 and 403 are
+//! also reported to the care system's store for its audit trail, see [`crate::refusals`]),
+//! admit it under the care system's rate and concurrency limits (429), read the request body
+//! (up to the body limit, 413), then forward it with a freshly signed identity assertion bound
+//! to that request over a pooled HTTP/1.1 connection, streaming the response body.
 //!
 //! Invariants:
 //! - The client's `Authorization`, any `x-shcr-identity` it sent and hop-by-hop headers never
 //!   reach a store; the store sees only the assertion the gateway signed for *its* care system.
 //!   Hop-by-hop headers of the store's response never reach the client.
 //! - Every response carries `X-Request-Id` (the client's, when it sent a sane one, else a new
-//!   UUID) and the same id is in the assertion, so gateway logs, store logs and audit join up.
+//!   UUID) and the same id is in the assertion (`rid`), so gateway logs, store logs and audit
+//!   join up. The assertion's `jti` is the gateway's own fresh UUID, never the request id.
+//! - The assertion is bound to the request the store receives: its method, its path and query
+//!   (as forwarded) and the SHA-256 of its body, which is why the body is read before signing;
+//!   memory for bodies is bounded by the body limit times the admitted concurrency.
+//! - The assertion's `origin` is the gateway's configured public origin, never the client's
+//!   `Host`.
 //! - W3C trace context: the caller's `traceparent`/`tracestate` are forwarded; when trace export
 //!   is on, the gateway's span joins the caller's trace and the store sees the gateway's span as
 //!   its parent.
@@ -31,16 +39,17 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, StatusCode, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::{LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use shcr_fhir::outcome::{IssueType, OperationOutcome};
-use shcr_identity::{ASSERTION_HEADER, AssertionSigner};
+use shcr_identity::{ASSERTION_HEADER, AssertionSigner, RefusalNotice, RequestBinding};
 
 use crate::access::{AccessControl, AccessDecision};
 use crate::limits::{LimitsConfig, Permit, Refusal};
 use crate::metrics::{GatewayMetrics, UNKNOWN_CARE_SYSTEM};
+use crate::refusals::RefusalReporter;
 use crate::routing::{Resolution, Route, TenantRouter, Upstream};
 
 const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
@@ -74,6 +83,10 @@ pub struct ProxySettings {
     pub assertion_ttl: Duration,
     /// Admission limits per care system (the body limit is applied here).
     pub limits: LimitsConfig,
+    /// The origin (`scheme://host[:port]`) clients reach the FHIR API under, carried in every
+    /// assertion (`origin`) so stores build absolute links from it rather than from `Host`.
+    /// `None`: the assertion carries none.
+    pub public_origin: Option<String>,
 }
 
 impl Default for ProxySettings {
@@ -84,19 +97,21 @@ impl Default for ProxySettings {
             pool_idle_timeout: Duration::from_secs(60),
             assertion_ttl: Duration::from_secs(60),
             limits: LimitsConfig::default(),
+            public_origin: None,
         }
     }
 }
 
-/// The request body on its way to a store: the client's, cut off at the size limit.
-type UpstreamBody = Limited<Body>;
+/// The request body on its way to a store: the client's, read in full (it is signed).
+type UpstreamBody = Full<Bytes>;
 
 /// Everything one request needs; shared by all requests.
 pub struct Proxy {
     router: TenantRouter,
     access: AccessControl,
-    signer: AssertionSigner,
+    signer: Arc<AssertionSigner>,
     client: Client<HttpConnector, UpstreamBody>,
+    refusals: RefusalReporter,
     metrics: GatewayMetrics,
     settings: ProxySettings,
 }
@@ -126,11 +141,14 @@ impl Proxy {
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(1024)
             .build(connector);
+        let signer = Arc::new(signer);
+        let refusals = RefusalReporter::start(client.clone(), signer.clone(), metrics.clone());
         Self {
             router,
             access,
             signer,
             client,
+            refusals,
             metrics,
             settings,
         }
@@ -238,6 +256,7 @@ impl Proxy {
         rest: &str,
         request_id: &str,
     ) -> Response {
+        let arrived = tokio::time::Instant::now();
         let limit = self.settings.limits.max_body_bytes;
         if declared_length(request.headers()).is_some_and(|n| n > limit) {
             return self.too_large(route);
@@ -254,25 +273,34 @@ impl Proxy {
                 request_id,
             )
             .await;
-        let assertion = match decision {
+        let identity = match decision {
             AccessDecision::Public => None,
-            AccessDecision::Refused { reason, response } => {
+            AccessDecision::Refused {
+                reason,
+                response,
+                actor,
+            } => {
                 self.metrics.refused(&route.care_system, reason);
+                let status = response.status();
+                if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                    self.refusals.report(
+                        RefusalNotice {
+                            care_system: route.care_system.clone(),
+                            status: status.as_u16(),
+                            reason: reason.to_owned(),
+                            method: request.method().as_str().to_owned(),
+                            resource_type: addressed_type(rest),
+                            actor,
+                            request_id: request_id.to_owned(),
+                        },
+                        upstream,
+                    );
+                }
                 return response;
             }
-            AccessDecision::Allowed(identity) => {
-                match self.signer.sign(&identity, self.settings.assertion_ttl) {
-                    Ok(token) => match HeaderValue::from_str(&token) {
-                        Ok(value) => Some(value),
-                        Err(_) => {
-                            return internal_error("the identity assertion is not a header value");
-                        }
-                    },
-                    Err(error) => {
-                        tracing::error!(%error, "cannot sign the identity assertion");
-                        return internal_error("the gateway could not sign the identity assertion");
-                    }
-                }
+            AccessDecision::Allowed(mut identity) => {
+                identity.origin = self.settings.public_origin.clone();
+                Some(identity)
             }
         };
 
@@ -289,20 +317,58 @@ impl Proxy {
                 return internal_error("the gateway could not build the store URL");
             }
         };
+        let deadline = arrived + self.settings.request_timeout;
+        let body =
+            match tokio::time::timeout_at(deadline, Limited::new(body, limit as usize).collect())
+                .await
+            {
+                Err(_) => {
+                    return outcome(
+                        StatusCode::REQUEST_TIMEOUT,
+                        IssueType::Timeout,
+                        "the request body did not arrive in time",
+                    );
+                }
+                Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
+                    return self.too_large(route);
+                }
+                Ok(Err(_)) => {
+                    return outcome(
+                        StatusCode::BAD_REQUEST,
+                        IssueType::Invalid,
+                        "the request body could not be read",
+                    );
+                }
+                Ok(Ok(collected)) => collected.to_bytes(),
+            };
         prepare_request_headers(&mut parts.headers, request_id);
-        if let Some(assertion) = assertion {
-            parts.headers.insert(ASSERTION_HEADER, assertion);
+        if let Some(identity) = identity {
+            let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let binding = RequestBinding::new(parts.method.as_str(), target, &body);
+            match self
+                .signer
+                .sign(&identity, &binding, self.settings.assertion_ttl)
+            {
+                Ok(token) => match HeaderValue::from_str(&token) {
+                    Ok(value) => {
+                        parts.headers.insert(ASSERTION_HEADER, value);
+                    }
+                    Err(_) => {
+                        return internal_error("the identity assertion is not a header value");
+                    }
+                },
+                Err(error) => {
+                    tracing::error!(%error, "cannot sign the identity assertion");
+                    return internal_error("the gateway could not sign the identity assertion");
+                }
+            }
         }
         shcr_runtime::trace_context::inject_current(&mut parts.headers);
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
-        let upstream_request = Request::from_parts(parts, Limited::new(body, limit as usize));
+        let upstream_request = Request::from_parts(parts, Full::new(body));
 
-        let sent = tokio::time::timeout(
-            self.settings.request_timeout,
-            self.client.request(upstream_request),
-        )
-        .await;
+        let sent = tokio::time::timeout_at(deadline, self.client.request(upstream_request)).await;
         match sent {
             Err(_) => {
                 tracing::warn!("the store did not answer in time");
@@ -312,7 +378,6 @@ impl Proxy {
                     "the care system's record store did not answer in time",
                 )
             }
-            Ok(Err(error)) if caused_by_length_limit(&error) => self.too_large(route),
             Ok(Err(error)) => {
                 tracing::warn!(error = %error_chain(&error), "forwarding to the store failed");
                 outcome(
@@ -394,6 +459,16 @@ fn split_path(path: &str) -> Option<(&str, &str)> {
     Some((care_system, rest))
 }
 
+/// The resource type the path below `/fhir/` names (`Patient/1/_history` → `Patient`), when
+/// its first segment is one: what a refusal notice may say was attempted.
+fn addressed_type(rest: &str) -> Option<String> {
+    let first = rest.split('/').next()?;
+    first
+        .parse::<shcr_fhir::resource::ResourceType>()
+        .ok()
+        .map(|t| t.as_str().to_owned())
+}
+
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
@@ -458,17 +533,6 @@ fn prepare_request_headers(headers: &mut HeaderMap, request_id: &str) {
     if !headers.contains_key("x-forwarded-proto") {
         headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
-}
-
-fn caused_by_length_limit(error: &(dyn StdError + 'static)) -> bool {
-    let mut current: Option<&(dyn StdError + 'static)> = Some(error);
-    while let Some(e) = current {
-        if e.is::<LengthLimitError>() {
-            return true;
-        }
-        current = e.source();
-    }
-    false
 }
 
 fn error_chain(error: &(dyn StdError + 'static)) -> String {

@@ -51,6 +51,8 @@ pub enum GatewayError {
     },
     #[error("a configured issuer is not usable: {0}")]
     Issuer(String),
+    #[error("`public_url` (--public-url, SHCR_GATEWAY_PUBLIC_URL) is not usable: {0}")]
+    PublicUrl(#[from] shcr_identity::OriginError),
     #[error("cannot read the CareSystem manifests: {0}")]
     Manifests(#[from] crate::dev::DevError),
     #[error("cannot connect to Kubernetes to watch CareSystems: {0}")]
@@ -159,6 +161,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
     let signer = load_signer(&config)?;
+    let public_origin = config.public_origin()?;
     let access = AccessControl::new(&config.issuers, config.smart.clone())
         .map_err(|e| GatewayError::Issuer(e.to_string()))?;
     let router = TenantRouter::new(config.limits.clone());
@@ -204,7 +207,10 @@ pub async fn run(
         access,
         signer,
         metrics,
-        ProxySettings::from_config(&config),
+        ProxySettings {
+            public_origin: Some(public_origin),
+            ..ProxySettings::from_config(&config)
+        },
     ));
 
     let listener = bind(config.listen).await?;
@@ -239,6 +245,7 @@ impl ProxySettings {
             pool_idle_timeout: config.timeouts.pool_idle,
             assertion_ttl: config.timeouts.assertion,
             limits: config.limits.clone(),
+            public_origin: config.public_origin().ok(),
         }
     }
 }

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, ensure};
 use async_trait::async_trait;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use shcr_identity::{ASSERTION_HEADER, AssertionSigner, Identity, Scopes};
+use shcr_identity::{ASSERTION_HEADER, AssertionSigner, Identity, RequestBinding, Scopes};
 use shcr_store::CareSystemName;
 use shcr_store::api::{FhirStore, FhirStoreConfig, router};
 use shcr_store::engine::EngineConfig;
@@ -79,6 +79,7 @@ fn clinician() -> Identity {
 
 fn identity(scopes: &str, patient: Option<&str>) -> Identity {
     Identity {
+        issuer: "https://idp.example".to_string(),
         subject: "555021935107".to_string(),
         organisation: "A81001".to_string(),
         role: "R8000".to_string(),
@@ -87,6 +88,7 @@ fn identity(scopes: &str, patient: Option<&str>) -> Identity {
         care_system: CARE_SYSTEM.to_string(),
         break_glass_reason: None,
         request_id: "test-request".to_string(),
+        origin: None,
     }
 }
 
@@ -94,8 +96,8 @@ struct TestServer {
     base: String,
     store: Arc<FhirStore>,
     /// A client sending a clinician's assertion with every request.
-    http: reqwest::Client,
-    signer: AssertionSigner,
+    http: AssertingClient,
+    signer: Arc<AssertionSigner>,
     keys: Arc<SwitchableKeys>,
     dir: tempfile::TempDir,
     server: tokio::task::JoinHandle<()>,
@@ -186,7 +188,7 @@ impl TestServer {
         let store = Arc::new(FhirStore::new(db, config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr: SocketAddr = listener.local_addr()?;
-        let signer = AssertionSigner::generate()?;
+        let signer = Arc::new(AssertionSigner::generate()?);
         let app = router(store.clone(), signer.verifier());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -203,7 +205,7 @@ impl TestServer {
     }
 
     /// A client acting as `identity`.
-    fn client(&self, identity: &Identity) -> Result<reqwest::Client> {
+    fn client(&self, identity: &Identity) -> Result<AssertingClient> {
         client_as(&self.signer, identity)
     }
 
@@ -215,13 +217,12 @@ impl TestServer {
     }
 
     async fn post(&self, path: &str, body: &Value) -> Result<reqwest::Response> {
-        Ok(self
-            .http
+        self.http
             .post(self.url(path))
             .header("content-type", "application/fhir+json")
             .body(body.to_string())
             .send()
-            .await?)
+            .await
     }
 
     async fn put(
@@ -238,11 +239,11 @@ impl TestServer {
         if let Some(etag) = if_match {
             req = req.header("if-match", etag);
         }
-        Ok(req.send().await?)
+        req.send().await
     }
 
     async fn get(&self, path: &str) -> Result<reqwest::Response> {
-        Ok(self.http.get(self.url(path)).send().await?)
+        self.http.get(self.url(path)).send().await
     }
 
     async fn get_json(&self, path: &str) -> Result<(StatusCode, Value)> {
@@ -294,14 +295,97 @@ impl TestServer {
     }
 }
 
-/// A reqwest client that sends `identity`'s assertion, signed by `signer`, with every request.
-fn client_as(signer: &AssertionSigner, identity: &Identity) -> Result<reqwest::Client> {
-    let token = signer.sign(identity, Duration::from_secs(300))?;
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(ASSERTION_HEADER, token.parse()?);
-    Ok(reqwest::Client::builder()
-        .default_headers(headers)
-        .build()?)
+/// A client that sends `identity`'s assertion, signed by `signer`, with every request: a fresh
+/// one per request, bound to it, as the gateway signs them.
+fn client_as(signer: &Arc<AssertionSigner>, identity: &Identity) -> Result<AssertingClient> {
+    Ok(AssertingClient {
+        http: reqwest::Client::new(),
+        signer: signer.clone(),
+        identity: identity.clone(),
+    })
+}
+
+/// A reqwest client acting as one identity (see [`client_as`]).
+#[derive(Clone)]
+struct AssertingClient {
+    http: reqwest::Client,
+    signer: Arc<AssertionSigner>,
+    identity: Identity,
+}
+
+impl AssertingClient {
+    fn request(&self, method: reqwest::Method, url: impl reqwest::IntoUrl) -> AssertedRequest {
+        AssertedRequest {
+            client: self.clone(),
+            builder: self.http.request(method, url),
+        }
+    }
+
+    fn get(&self, url: impl reqwest::IntoUrl) -> AssertedRequest {
+        self.request(reqwest::Method::GET, url)
+    }
+
+    fn post(&self, url: impl reqwest::IntoUrl) -> AssertedRequest {
+        self.request(reqwest::Method::POST, url)
+    }
+
+    fn put(&self, url: impl reqwest::IntoUrl) -> AssertedRequest {
+        self.request(reqwest::Method::PUT, url)
+    }
+
+    fn delete(&self, url: impl reqwest::IntoUrl) -> AssertedRequest {
+        self.request(reqwest::Method::DELETE, url)
+    }
+
+    fn patch(&self, url: impl reqwest::IntoUrl) -> AssertedRequest {
+        self.request(reqwest::Method::PATCH, url)
+    }
+}
+
+/// A request of an [`AssertingClient`]; the assertion is signed when it is sent.
+struct AssertedRequest {
+    client: AssertingClient,
+    builder: reqwest::RequestBuilder,
+}
+
+impl AssertedRequest {
+    fn header(self, name: &'static str, value: impl AsRef<str>) -> Self {
+        Self {
+            builder: self.builder.header(name, value.as_ref()),
+            ..self
+        }
+    }
+
+    fn body(self, body: impl Into<reqwest::Body>) -> Self {
+        Self {
+            builder: self.builder.body(body),
+            ..self
+        }
+    }
+
+    async fn send(self) -> Result<reqwest::Response> {
+        let mut request = self.builder.build()?;
+        let url = request.url();
+        let target = match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_string(),
+        };
+        // A streamed body cannot be digested up front; it is signed as empty (the store
+        // refuses it unless it is refused first for its size).
+        let body = request
+            .body()
+            .and_then(|b| b.as_bytes())
+            .unwrap_or_default();
+        let binding = RequestBinding::new(request.method().as_str(), &target, body);
+        let token =
+            self.client
+                .signer
+                .sign(&self.client.identity, &binding, Duration::from_secs(300))?;
+        request
+            .headers_mut()
+            .insert(ASSERTION_HEADER, token.parse()?);
+        Ok(self.client.http.execute(request).await?)
+    }
 }
 
 /// The first valid NHS number (Modulus 11) whose nine leading digits are `first_nine` or above.
@@ -1441,16 +1525,20 @@ async fn requests_without_a_valid_assertion_are_401_and_touch_nothing() -> Resul
     let stranger = AssertionSigner::generate()?;
     let mut other_system = clinician();
     other_system.care_system = "south-west".to_string();
+    let any_request = RequestBinding::new("GET", "/", b"");
     let cases: Vec<(&str, Option<String>)> = vec![
         ("missing", None),
         ("garbage", Some("not-a-jwt".to_string())),
         (
             "another key",
-            Some(stranger.sign(&clinician(), Duration::from_secs(60))?),
+            Some(stranger.sign(&clinician(), &any_request, Duration::from_secs(60))?),
         ),
         (
             "another care system",
-            Some(s.signer.sign(&other_system, Duration::from_secs(60))?),
+            Some(
+                s.signer
+                    .sign(&other_system, &any_request, Duration::from_secs(60))?,
+            ),
         ),
     ];
     for (what, token) in cases {
@@ -2328,7 +2416,7 @@ async fn an_oversized_bundle_is_413_and_stores_nothing() -> Result<()> {
 // Bulk $export
 
 /// Polls an export status URL until the manifest is ready.
-async fn export_manifest(client: &reqwest::Client, status_url: &str) -> Result<Value> {
+async fn export_manifest(client: &AssertingClient, status_url: &str) -> Result<Value> {
     for _ in 0..200 {
         let resp = client.get(status_url).send().await?;
         match resp.status() {

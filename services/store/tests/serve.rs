@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
-use shcr_identity::{ASSERTION_HEADER, AssertionSigner, Identity, Scopes};
+use shcr_identity::{ASSERTION_HEADER, AssertionSigner, Identity, RequestBinding, Scopes};
 use shcr_store::serve::{StoreConfig, StoreError, run};
 use tokio::sync::oneshot;
 
@@ -119,9 +119,16 @@ impl Running {
     }
 }
 
-fn assertion(signer: &AssertionSigner) -> Result<String> {
+/// An assertion for the one request `method url` with `body`.
+fn assertion(signer: &AssertionSigner, method: &str, url: &str, body: &str) -> Result<String> {
+    let url = reqwest::Url::parse(url)?;
+    let target = match url.query() {
+        Some(query) => format!("{}?{query}", url.path()),
+        None => url.path().to_owned(),
+    };
     Ok(signer.sign(
         &Identity {
+            issuer: "https://idp.example".into(),
             subject: "555021935107".into(),
             organisation: "A81001".into(),
             role: "R8000".into(),
@@ -130,7 +137,9 @@ fn assertion(signer: &AssertionSigner) -> Result<String> {
             care_system: CARE_SYSTEM.into(),
             break_glass_reason: None,
             request_id: "test-request".into(),
+            origin: None,
         },
+        &RequestBinding::new(method, &target, body.as_bytes()),
         Duration::from_secs(60),
     )?)
 }
@@ -173,18 +182,18 @@ async fn serves_signed_requests_and_keeps_records_across_restarts() -> Result<()
         .await?;
     assert_eq!(unsigned.status(), 401, "no assertion, no access");
 
+    let url = format!("{}/Patient", store.fhir);
+    let body = json!({
+        "resourceType": "Patient",
+        "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": NHS_NUMBER}],
+        "name": [{"family": FAMILY}],
+    })
+    .to_string();
     let created = http
-        .post(format!("{}/Patient", store.fhir))
-        .header(ASSERTION_HEADER, assertion(&signer)?)
+        .post(&url)
+        .header(ASSERTION_HEADER, assertion(&signer, "POST", &url, &body)?)
         .header("content-type", "application/fhir+json")
-        .body(
-            json!({
-                "resourceType": "Patient",
-                "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": NHS_NUMBER}],
-                "name": [{"family": FAMILY}],
-            })
-            .to_string(),
-        )
+        .body(body)
         .send()
         .await?;
     assert_eq!(created.status(), 201, "{}", created.text().await?);
@@ -205,9 +214,10 @@ async fn serves_signed_requests_and_keeps_records_across_restarts() -> Result<()
 
     // Restarted on the same bucket and key: the record is still there.
     let store = Running::start(config(&cloud, &signer)).await?;
+    let url = format!("{}/Patient/{id}", store.fhir);
     let read = http
-        .get(format!("{}/Patient/{id}", store.fhir))
-        .header(ASSERTION_HEADER, assertion(&signer)?)
+        .get(&url)
+        .header(ASSERTION_HEADER, assertion(&signer, "GET", &url, "")?)
         .send()
         .await?;
     assert_eq!(read.status(), 200);

@@ -295,6 +295,7 @@ impl Principal {
         request_id: String,
     ) -> Identity {
         Identity {
+            issuer: self.issuer.clone(),
             subject: self.subject.clone(),
             organisation: self.organisation.clone(),
             role: self.role.clone(),
@@ -303,6 +304,7 @@ impl Principal {
             care_system: care_system.to_owned(),
             break_glass_reason,
             request_id,
+            origin: None,
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Test harness: real record stores (encrypted, on a temp dir) behind a real gateway, both over
 //! real HTTP on loopback, with tokens from the dev issuer. Also an "inspecting" upstream that
-//! verifies the gateway's assertion and echoes what it received — used where the test must see
-//! the hop itself (headers, assertion contents) or inject faults (slowness).
+//! verifies the gateway's assertion as a store does — signature, care system, bound to the
+//! method, path and query and body it arrived with, used once — and echoes what it received;
+//! used where the test must see the hop itself (headers, assertion contents) or inject faults
+//! (slowness).
 
 #![allow(dead_code)]
 
@@ -250,8 +252,10 @@ pub fn diagnostics(body: &Value) -> String {
 }
 
 /// An upstream standing in for a store where the test must see the hop: it verifies the
-/// assertion for the care system in the path (401 without a valid one) and answers with the
-/// headers and identity it received. `x-test-sleep-ms` makes it slow (fault injection).
+/// assertion for the care system in the path and for the request it came with, once (401 for
+/// an invalid, mismatched or replayed one, with the reason as the body), and answers with the
+/// headers, identity and body size it received. `x-test-sleep-ms` makes it slow (fault
+/// injection).
 pub async fn inspecting_upstream(verifier: AssertionVerifier) -> Result<SocketAddr> {
     let app = Router::new().fallback(move |request: Request<Body>| {
         let verifier = verifier.clone();
@@ -278,9 +282,22 @@ async fn inspect(verifier: AssertionVerifier, request: Request<Body>) -> axum::r
         .next()
         .unwrap_or_default()
         .to_owned();
+    let method = request.method().as_str().to_owned();
+    let target = request
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().to_owned())
+        .unwrap_or_default();
+    let body = axum::body::to_bytes(request.into_body(), usize::MAX)
+        .await
+        .unwrap_or_default();
     let identity = match headers.get(ASSERTION_HEADER).and_then(|v| v.to_str().ok()) {
-        Some(token) => match verifier.verify(token, &care_system) {
+        Some(token) => match verifier
+            .verify(token, &care_system, &method, &target)
+            .and_then(|verified| verified.accept(&body))
+        {
             Ok(identity) => json!({
+                "issuer": identity.issuer,
                 "subject": identity.subject,
                 "organisation": identity.organisation,
                 "role": identity.role,
@@ -289,6 +306,7 @@ async fn inspect(verifier: AssertionVerifier, request: Request<Body>) -> axum::r
                 "care_system": identity.care_system,
                 "break_glass_reason": identity.break_glass_reason,
                 "request_id": identity.request_id,
+                "origin": identity.origin,
             }),
             Err(e) => {
                 return (axum::http::StatusCode::UNAUTHORIZED, e.to_string()).into_response();
@@ -296,14 +314,10 @@ async fn inspect(verifier: AssertionVerifier, request: Request<Body>) -> axum::r
         },
         None => Value::Null,
     };
-    let body = axum::body::to_bytes(request.into_body(), usize::MAX)
-        .await
-        .map(|b| b.len())
-        .unwrap_or(0);
     let mut response = axum::Json(json!({
         "headers": headers_json(&headers),
         "identity": identity,
-        "body_bytes": body,
+        "body_bytes": body.len(),
     }))
     .into_response();
     // Hop-by-hop headers the gateway must not pass back.

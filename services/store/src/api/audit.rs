@@ -340,6 +340,108 @@ pub fn audit_event(
         .ok()
 }
 
+/// Builds the AuditEvent of a request the gateway refused (401/403) for this care system, from
+/// its signed notice: who when known (issuer as an extension, subject, organisation, role), or
+/// `unauthenticated`; what was attempted (the method and the resource type of the path).
+pub(crate) fn refusal_event(
+    notice: &shcr_identity::RefusalNotice,
+    recorded: i64,
+) -> Option<Resource> {
+    let method = Method::from_bytes(notice.method.as_bytes()).unwrap_or(Method::GET);
+    let interaction = AuditInteraction::from_method(&method);
+    let agents = match &notice.actor {
+        Some(actor) => json!([
+            {
+                "extension": [{
+                    "url": "https://shcr.dev/fhir/StructureDefinition/identity-provider",
+                    "valueUri": actor.issuer,
+                }],
+                "type": {"coding": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                    "code": "AUT",
+                    "display": "author (originator)",
+                }]},
+                "who": {"identifier": {
+                    "system": "https://fhir.nhs.uk/Id/sds-user-id",
+                    "value": actor.subject,
+                }},
+                "altId": actor.subject,
+                "role": [{"coding": [{
+                    "system": "https://fhir.nhs.uk/CodeSystem/NHSDigital-SDS-JobRoleCode",
+                    "code": actor.role,
+                }]}],
+                "requestor": true,
+            },
+            {
+                "type": {"coding": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-RoleClass",
+                    "code": "PROV",
+                    "display": "healthcare provider",
+                }]},
+                "who": {"identifier": {
+                    "system": "https://fhir.nhs.uk/Id/ods-organization-code",
+                    "value": actor.organisation,
+                }},
+                "requestor": false,
+            },
+        ]),
+        None => json!([{
+            "type": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                "code": "AUT",
+                "display": "author (originator)",
+            }]},
+            "who": {"display": "unauthenticated"},
+            "requestor": true,
+        }]),
+    };
+    let mut event = json!({
+        "resourceType": "AuditEvent",
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest",
+            "display": "RESTful Operation",
+        },
+        "subtype": [{
+            "system": "http://hl7.org/fhir/restful-interaction",
+            "code": interaction.code(),
+        }],
+        "action": interaction.action(),
+        "recorded": format_instant(recorded)?,
+        "outcome": outcome_code(notice.status),
+        "outcomeDesc": format!("HTTP {} from the gateway: {}", notice.status, notice.reason),
+        "agent": agents,
+        "source": {
+            "site": notice.care_system,
+            "observer": {"display": "ShCR gateway"},
+            "type": [{
+                "system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                "code": "3",
+                "display": "Web Server",
+            }],
+        },
+        "extension": [{
+            "url": "https://shcr.dev/fhir/StructureDefinition/request-id",
+            "valueString": notice.request_id,
+        }],
+    });
+    if let Some(t) = notice
+        .resource_type
+        .as_deref()
+        .and_then(|t| t.parse::<ResourceType>().ok())
+    {
+        event["entity"] = json!([{
+            "type": {"system": "http://hl7.org/fhir/resource-types", "code": t.as_str()},
+            "description": "resource type addressed",
+        }]);
+    }
+    Resource::parse(event.to_string().as_bytes(), Some(ResourceType::AuditEvent))
+        .map_err(|e| {
+            tracing::error!(error = %e, "built a refusal AuditEvent the parser refuses");
+        })
+        .ok()
+}
+
 /// Middleware: gives the request an [`AuditSlot`] and records its AuditEvent.
 pub(crate) async fn record(
     State(store): State<Arc<FhirStore>>,
@@ -464,6 +566,7 @@ mod tests {
     #[test]
     fn events_name_who_what_patient_outcome_and_break_glass() {
         let identity = Identity {
+            issuer: "https://idp.example".to_string(),
             subject: "555021935107".to_string(),
             organisation: "A81001".to_string(),
             role: "R8000".to_string(),
@@ -472,6 +575,7 @@ mod tests {
             care_system: "north-east".to_string(),
             break_glass_reason: Some("unconscious in ED".to_string()),
             request_id: "req-9".to_string(),
+            origin: None,
         };
         let mut facts = AuditFacts {
             interaction: Some(AuditInteraction::Read),

@@ -10,7 +10,9 @@
 //! Invariants:
 //! - output files are written through the tenant's encrypting object store (under `exports/`),
 //!   so they are encrypted at rest like the database, and decrypted only when downloaded through
-//!   the API by the identity that started the job (others get 404);
+//!   the API by the identity that started the job — the same identity provider, subject and
+//!   organisation ([`JobOwner`]); anyone else, including the same subject of another issuer or
+//!   acting for another organisation, gets 404 for its status, files and cancellation;
 //! - a system export leaves out AuditEvents unless `_type` names them; a `Patient/$export`
 //!   exports the patient-compartment types (Patient and the types with a `patient` link);
 //! - jobs live in this process: after a restart their status URLs answer 404 and their files
@@ -28,6 +30,7 @@ use serde_json::{Value, json};
 use shcr_fhir::datetime::{DateRange, Strictness, format_instant};
 use shcr_fhir::resource::ResourceType;
 use shcr_fhir::search::{MAX_COUNT, SearchQuery, find_param};
+use shcr_identity::Identity;
 use tokio::sync::Mutex;
 
 use super::error::ApiError;
@@ -40,8 +43,27 @@ enum JobState {
     Failed,
 }
 
+/// Who a job belongs to: subjects are unique only within their identity provider, and a person
+/// acting for another organisation must not see what they exported for this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct JobOwner {
+    issuer: String,
+    subject: String,
+    organisation: String,
+}
+
+impl JobOwner {
+    fn of(identity: &Identity) -> Self {
+        Self {
+            issuer: identity.issuer.clone(),
+            subject: identity.subject.clone(),
+            organisation: identity.organisation.clone(),
+        }
+    }
+}
+
 struct Job {
-    owner: String,
+    owner: JobOwner,
     state: Mutex<JobState>,
     /// Types finished, for `X-Progress`.
     done_types: AtomicUsize,
@@ -148,13 +170,13 @@ impl ExportJobs {
     pub async fn start(
         &self,
         store: Arc<FhirStore>,
-        owner: &str,
+        owner: &Identity,
         request: ExportRequest,
         base: String,
     ) -> Result<String, ApiError> {
         let id = uuid::Uuid::new_v4().to_string();
         let job = Arc::new(Job {
-            owner: owner.to_string(),
+            owner: JobOwner::of(owner),
             state: Mutex::new(JobState::Running),
             done_types: AtomicUsize::new(0),
             total_types: request.types.len(),
@@ -177,7 +199,8 @@ impl ExportJobs {
         Ok(id)
     }
 
-    async fn job(&self, id: &str, owner: &str) -> Result<Arc<Job>, ApiError> {
+    async fn job(&self, id: &str, owner: &Identity) -> Result<Arc<Job>, ApiError> {
+        let owner = JobOwner::of(owner);
         match self.jobs.lock().await.get(id) {
             Some(job) if job.owner == owner => Ok(job.clone()),
             _ => Err(ApiError::NoSuchExport),
@@ -185,7 +208,11 @@ impl ExportJobs {
     }
 
     /// `Ok(None)` while running (with the progress text), `Ok(Some(manifest))` when done.
-    pub async fn status(&self, id: &str, owner: &str) -> Result<Result<Value, String>, ApiError> {
+    pub async fn status(
+        &self,
+        id: &str,
+        owner: &Identity,
+    ) -> Result<Result<Value, String>, ApiError> {
         let job = self.job(id, owner).await?;
         let state = job.state.lock().await;
         match &*state {
@@ -200,7 +227,12 @@ impl ExportJobs {
     }
 
     /// Cancels a job and deletes its files.
-    pub async fn cancel(&self, store: &FhirStore, id: &str, owner: &str) -> Result<(), ApiError> {
+    pub async fn cancel(
+        &self,
+        store: &FhirStore,
+        id: &str,
+        owner: &Identity,
+    ) -> Result<(), ApiError> {
         let job = self.job(id, owner).await?;
         job.cancelled.store(true, Ordering::SeqCst);
         self.jobs.lock().await.remove(id);
@@ -218,7 +250,7 @@ impl ExportJobs {
         &self,
         store: &FhirStore,
         id: &str,
-        owner: &str,
+        owner: &Identity,
         file: &str,
     ) -> Result<Bytes, ApiError> {
         let job = self.job(id, owner).await?;

@@ -49,6 +49,7 @@ pub fn router(store: Arc<FhirStore>, verifier: AssertionVerifier) -> Router {
     };
     Router::new()
         .route("/{care_system}/fhir/metadata", get(metadata))
+        .route(super::refusal::ROUTE, post(super::refusal::receive))
         .route("/{care_system}/fhir", post(bundle))
         .route(
             "/{care_system}/fhir/{resource_type}",
@@ -350,7 +351,7 @@ async fn export_kickoff(
     store.check_ready().await?;
     let job = store
         .exports()
-        .start(store.clone(), &identity.subject, request, base.to_string())
+        .start(store.clone(), identity, request, base.to_string())
         .await?;
     let location = format!("{base}/$export-status/{job}");
     Response::builder()
@@ -362,7 +363,7 @@ async fn export_kickoff(
 
 /// `$export` status polling: 202 with `X-Progress` while running, 200 with the manifest.
 async fn export_status(store: &FhirStore, identity: &Identity, job: &str) -> ApiResult {
-    match store.exports().status(job, &identity.subject).await? {
+    match store.exports().status(job, identity).await? {
         Err(progress) => Response::builder()
             .status(StatusCode::ACCEPTED)
             .header("x-progress", progress)
@@ -584,10 +585,7 @@ async fn delete(
     if resource_type == "$export-status" {
         audit.set(AuditInteraction::Operation, None, None);
         audit.with(|f| f.operation = Some("$export-cancel"));
-        store
-            .exports()
-            .cancel(&store, &id, &identity.subject)
-            .await?;
+        store.exports().cancel(&store, &id, &identity).await?;
         return Ok(StatusCode::ACCEPTED.into_response());
     }
     let resource_type = parse_type(&resource_type)?;
@@ -629,7 +627,7 @@ async fn instance_operation(
         Access::new(&identity).authorize_all_patients(None, Interaction::Read, "bulk export")?;
         let ndjson = store
             .exports()
-            .download(&store, &id, &identity.subject, &operation)
+            .download(&store, &id, &identity, &operation)
             .await?;
         return Ok((
             StatusCode::OK,

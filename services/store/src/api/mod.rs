@@ -30,6 +30,7 @@ mod error;
 mod export;
 mod fhir_store;
 mod http;
+mod refusal;
 mod search;
 
 pub use capability::{capability_statement, client_writable};
