@@ -5,6 +5,7 @@
 //! interaction, each error case, authentication and authorisation, the audit trail, and that a
 //! failed request stores nothing.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -2618,6 +2619,352 @@ async fn bulk_export_refusals() -> Result<()> {
             .send()
             .await?;
         assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    }
+    Ok(())
+}
+
+/// The entries' resource ids of a searchset Bundle.
+fn bundle_ids(bundle: &Value) -> Vec<String> {
+    bundle["entry"]
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .filter(|e| e["search"]["mode"] != "outcome")
+                .filter_map(|e| e["resource"]["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Defect: a token with `patient/*.cruds user/Practitioner.rs` was treated as unconfined and
+/// read and updated other patients' Observations. Confinement is decided per type.
+#[tokio::test]
+async fn mixed_scopes_keep_patient_grants_confined() -> Result<()> {
+    let s = TestServer::start().await?;
+    let mine = s
+        .create(&patient("Mine", &nhs_number(943478300), "1980"))
+        .await?;
+    let theirs = s
+        .create(&patient("Theirs", &nhs_number(943478310), "1981"))
+        .await?;
+    let their_obs = s
+        .create(&observation(&theirs, "1111", "2024-01-02"))
+        .await?;
+    let practitioner = s
+        .create(&json!({"resourceType": "Practitioner", "name": [{"family": "Jones"}]}))
+        .await?;
+    let me = s.client(&identity(
+        "patient/*.cruds user/Practitioner.rs",
+        Some(&mine),
+    ))?;
+
+    let resp = me
+        .get(s.url(&format!("Observation/{their_obs}")))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let mut changed = observation(&theirs, "9999", "2024-01-02");
+    changed["id"] = json!(their_obs);
+    let resp = me
+        .put(s.url(&format!("Observation/{their_obs}")))
+        .body(changed.to_string())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let stored: Value = s
+        .http
+        .get(s.url(&format!("Observation/{their_obs}")))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        stored["meta"]["versionId"], "1",
+        "the other patient's record is unchanged"
+    );
+    let bundle: Value = me.get(s.url("Observation")).send().await?.json().await?;
+    assert!(bundle_ids(&bundle).is_empty(), "{bundle}");
+    // The user/ grant is not confined: the practitioner is readable.
+    let resp = me
+        .get(s.url(&format!("Practitioner/{practitioner}")))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    // A batch entry goes the same way as the plain request.
+    let batch = bundle_of(
+        "batch",
+        vec![json!({"request": {"method": "GET", "url": format!("Observation/{their_obs}")}})],
+    );
+    let resp: Value = me
+        .post(s.url(""))
+        .body(batch.to_string())
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        resp["entry"][0]["response"]["status"], "403 Forbidden",
+        "{resp}"
+    );
+    Ok(())
+}
+
+/// Defect: `If-None-Exist` ran an unconfined, unscoped search and returned the match.
+#[tokio::test]
+async fn conditional_create_discloses_nothing_the_caller_could_not_read() -> Result<()> {
+    let s = TestServer::start().await?;
+    let nhs = nhs_number(943478320);
+    let theirs = s.create(&patient("Theirs", &nhs, "1981")).await?;
+    let mine = s
+        .create(&patient("Mine", &nhs_number(943478330), "1980"))
+        .await?;
+    s.create(&observation(&theirs, "5555", "2024-01-02"))
+        .await?;
+
+    // Create without search scope: the condition is refused.
+    let create_only = s.client(&identity("user/Patient.c", None))?;
+    let resp = create_only
+        .post(s.url("Patient"))
+        .header(
+            "if-none-exist",
+            format!("identifier=https://fhir.nhs.uk/Id/nhs-number|{nhs}"),
+        )
+        .body(patient("Probe", &nhs, "1981").to_string())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+
+    // A confined caller's condition is searched in its own compartment only: the other
+    // patient's Observation is not found (so a new one is created in the caller's compartment).
+    let me = s.client(&identity("patient/*.cruds", Some(&mine)))?;
+    let resp = me
+        .post(s.url("Observation"))
+        .header("if-none-exist", "code=5555")
+        .body(observation(&mine, "5555", "2024-03-01").to_string())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created: Value = resp.json().await?;
+    assert_eq!(created["subject"]["reference"], format!("Patient/{mine}"));
+
+    // With search but no read scope, a match is acknowledged without its content.
+    let no_read = s.client(&identity("user/Patient.cs", None))?;
+    let resp = no_read
+        .post(s.url("Patient"))
+        .header(
+            "if-none-exist",
+            format!("identifier=https://fhir.nhs.uk/Id/nhs-number|{nhs}"),
+        )
+        .body(patient("Probe", &nhs, "1981").to_string())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("location").is_none());
+    assert!(
+        resp.bytes().await?.is_empty(),
+        "no resource body for a caller without read"
+    );
+    Ok(())
+}
+
+/// Defect: a confined token PUT a deleted record's id, became its owner and read its history.
+#[tokio::test]
+async fn deleted_ids_cannot_be_taken_over_and_answer_like_absent_ones() -> Result<()> {
+    let s = TestServer::start().await?;
+    let mine = s
+        .create(&patient("Mine", &nhs_number(943478340), "1980"))
+        .await?;
+    let theirs = s
+        .create(&patient("Theirs", &nhs_number(943478350), "1981"))
+        .await?;
+    let their_obs = s
+        .create(&observation(&theirs, "1111", "2024-01-02"))
+        .await?;
+    let resp = s
+        .http
+        .delete(s.url(&format!("Observation/{their_obs}")))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+
+    let me = s.client(&identity("patient/*.cruds", Some(&mine)))?;
+    let mut takeover = observation(&mine, "1111", "2024-01-02");
+    let mut statuses = Vec::new();
+    for id in [their_obs.as_str(), "never-existed-1"] {
+        takeover["id"] = json!(id);
+        let resp = me
+            .put(s.url(&format!("Observation/{id}")))
+            .body(takeover.to_string())
+            .send()
+            .await?;
+        statuses.push(resp.status());
+        let resp = me
+            .get(s.url(&format!("Observation/{id}/_history/1")))
+            .send()
+            .await?;
+        statuses.push(resp.status());
+        let resp = me
+            .get(s.url(&format!("Observation/{id}/_history")))
+            .send()
+            .await?;
+        statuses.push(resp.status());
+    }
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::FORBIDDEN),
+        "deleted and absent ids answer alike: {statuses:?}"
+    );
+    let history: Value = s
+        .http
+        .get(s.url(&format!("Observation/{their_obs}/_history")))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(history["total"], 2, "no version was added: {history}");
+    Ok(())
+}
+
+/// Defect: `Observation?patient.identifier=` found patients without any Patient scope.
+#[tokio::test]
+async fn chained_search_needs_scope_on_the_chained_type() -> Result<()> {
+    let s = TestServer::start().await?;
+    let nhs = nhs_number(943478360);
+    let p = s.create(&patient("Chained", &nhs, "1980")).await?;
+    s.create(&observation(&p, "1111", "2024-01-02")).await?;
+    let obs_only = s.client(&identity("user/Observation.rs", None))?;
+    let query = format!("Observation?patient.identifier=https://fhir.nhs.uk/Id/nhs-number|{nhs}");
+    let resp = obs_only.get(s.url(&query)).send().await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_outcome(&resp.json().await?, "forbidden");
+    let both = s.client(&identity("user/Observation.rs user/Patient.s", None))?;
+    let bundle: Value = both.get(s.url(&query)).send().await?.json().await?;
+    assert_eq!(bundle["total"], 1, "{bundle}");
+    Ok(())
+}
+
+/// Defect: resources labelled restricted (R) were served without a break-glass reason.
+#[tokio::test]
+async fn sensitive_records_need_break_glass_and_searches_say_what_was_withheld() -> Result<()> {
+    let s = TestServer::start().await?;
+    let p = s
+        .create(&patient("Sensitive", &nhs_number(943478370), "1980"))
+        .await?;
+    let mut restricted = observation(&p, "7777", "2024-01-02");
+    restricted["meta"] = json!({"security": [{
+        "system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+        "code": "R",
+    }]});
+    let restricted = s.create(&restricted).await?;
+    let ordinary = s.create(&observation(&p, "7777", "2024-01-03")).await?;
+
+    let resp = s
+        .http
+        .get(s.url(&format!("Observation/{restricted}")))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let body: Value = resp.json().await?;
+    assert!(diagnostics_of(&body).contains("break-glass"), "{body}");
+    let bundle: Value = s
+        .http
+        .get(s.url(&format!("Observation?patient={p}")))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(bundle_ids(&bundle), vec![ordinary.clone()], "{bundle}");
+    let outcome = bundle["entry"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["search"]["mode"] == "outcome"))
+        .context("a search that withheld something says so")?;
+    assert_eq!(outcome["resource"]["issue"][0]["code"], "suppressed");
+    let everything: Value = s
+        .http
+        .get(s.url(&format!("Patient/{p}/$everything")))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(!bundle_ids(&everything).contains(&restricted));
+
+    let mut glass = clinician();
+    glass.break_glass_reason = Some("unconscious in ED".to_string());
+    let resp = s
+        .client(&glass)?
+        .get(s.url(&format!("Observation/{restricted}")))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    Ok(())
+}
+
+fn diagnostics_of(outcome: &Value) -> String {
+    outcome["issue"]
+        .as_array()
+        .map(|issues| {
+            issues
+                .iter()
+                .filter_map(|i| i["diagnostics"].as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+/// Defect: one AuditEvent named every patient a search touched (truncated at 50), and a
+/// patient reading its access log saw other patients' ids.
+#[tokio::test]
+async fn audit_names_every_patient_and_a_patient_sees_only_itself() -> Result<()> {
+    let s = TestServer::start().await?;
+    let mut ids = Vec::new();
+    for i in 0..60u64 {
+        let p = s
+            .create(&patient("Many", &nhs_number(943478400 + i * 10), "1980"))
+            .await?;
+        s.create(&observation(&p, "4242", "2024-01-02")).await?;
+        ids.push(p);
+    }
+    let resp = s
+        .http
+        .get(s.url("Observation?code=4242&_count=100"))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    s.store.flush_audit(Duration::from_secs(10)).await;
+    let events: Value = s
+        .http
+        .get(s.url(&format!(
+            "AuditEvent?patient={}&subtype=search-type",
+            ids[0]
+        )))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let event = &events["entry"][0]["resource"];
+    let named: BTreeSet<&str> = event["entity"]
+        .as_array()
+        .context("entities")?
+        .iter()
+        .filter_map(|e| e["what"]["reference"].as_str())
+        .filter(|r| r.starts_with("Patient/"))
+        .collect();
+    assert_eq!(
+        named.len(),
+        60,
+        "every patient named, none truncated: {event}"
+    );
+
+    let me = s.client(&identity("patient/*.rs", Some(&ids[0])))?;
+    let log: Value = me.get(s.url("AuditEvent")).send().await?.json().await?;
+    let text = log.to_string();
+    assert!(text.contains(&format!("Patient/{}", ids[0])), "{log}");
+    for other in &ids[1..] {
+        assert!(
+            !text.contains(other.as_str()),
+            "the patient's log names another patient"
+        );
     }
     Ok(())
 }
