@@ -2968,3 +2968,40 @@ async fn audit_names_every_patient_and_a_patient_sees_only_itself() -> Result<()
     }
     Ok(())
 }
+
+/// Defect: the client's `Host` decided absolute links (`Location: http://evil.example/...`).
+#[tokio::test]
+async fn links_use_the_vouched_origin_not_the_clients_host() -> Result<()> {
+    let s = TestServer::start().await?;
+    let mut via_gateway = clinician();
+    via_gateway.origin = Some("https://fhir.example.nhs.uk".to_string());
+    let client = s.client(&via_gateway)?;
+    let resp = client
+        .post(s.url("Patient"))
+        .header("host", "evil.example")
+        .body(patient("Origin", &nhs_number(943478500), "1980").to_string())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .context("a Location")?
+        .to_string();
+    assert!(
+        location.starts_with(&format!(
+            "https://fhir.example.nhs.uk/{CARE_SYSTEM}/fhir/Patient/"
+        )),
+        "{location}"
+    );
+    let bundle: Value = client
+        .get(s.url("Patient"))
+        .header("host", "evil.example")
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(!bundle.to_string().contains("evil.example"), "{bundle}");
+    Ok(())
+}

@@ -113,11 +113,18 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// Checks the care system in the URL and works out the base URL of this store's FHIR API.
-fn base_url(store: &FhirStore, care_system: &str, headers: &HeaderMap) -> Result<String, ApiError> {
+fn base_url(
+    store: &FhirStore,
+    care_system: &str,
+    headers: &HeaderMap,
+    gateway_origin: Option<&str>,
+) -> Result<String, ApiError> {
     if care_system != store.care_system().as_str() {
         return Err(ApiError::WrongCareSystem);
     }
-    let origin = match &store.config().public_origin {
+    // The configured origin (the operator sets it), else the one the gateway vouches for in the
+    // assertion; the client's `Host` only for an assertion naming none (an older gateway).
+    let origin = match store.config().public_origin.as_deref().or(gateway_origin) {
         Some(origin) => origin.trim_end_matches('/').to_string(),
         None => {
             let host = headers
@@ -285,7 +292,7 @@ async fn metadata(
     Path(care_system): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    let base = base_url(&store, &care_system, &headers)?;
+    let base = base_url(&store, &care_system, &headers, None)?;
     let date = format_instant(now_micros()).ok_or(ApiError::Internal)?;
     Ok(fhir_json(
         StatusCode::OK,
@@ -302,7 +309,7 @@ async fn bundle(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let base = base_url(&store, &care_system, &headers)?;
+    let base = base_url(&store, &care_system, &headers, identity.origin.as_deref())?;
     let body = read_body(body, &headers, store.config().max_body_bytes).await?;
     let prefer = prefer(&headers);
     let response = super::bundle::process(
@@ -387,7 +394,7 @@ async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let base = base_url(&store, &care_system, &headers)?;
+    let base = base_url(&store, &care_system, &headers, identity.origin.as_deref())?;
     let resource_type = parse_type(&resource_type)?;
     if !client_writable(resource_type) {
         return Err(ApiError::ReadOnlyType { resource_type });
@@ -452,7 +459,7 @@ async fn read(
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> ApiResult {
-    let base = base_url(&store, &care_system, &headers)?;
+    let base = base_url(&store, &care_system, &headers, identity.origin.as_deref())?;
     if resource_type == "$export-status" {
         audit.set(AuditInteraction::Operation, None, None);
         audit.with(|f| f.operation = Some("$export-status"));
@@ -509,7 +516,7 @@ async fn vread(
     Path((care_system, resource_type, id, version)): Path<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
-    let base = base_url(&store, &care_system, &headers)?;
+    let base = base_url(&store, &care_system, &headers, identity.origin.as_deref())?;
     let resource_type = parse_type(&resource_type)?;
     let id = parse_id(&id)?;
     let version: u64 = version
@@ -549,7 +556,7 @@ async fn update(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let base = base_url(&store, &care_system, &headers)?;
+    let base = base_url(&store, &care_system, &headers, identity.origin.as_deref())?;
     let resource_type = parse_type(&resource_type)?;
     if !client_writable(resource_type) {
         return Err(ApiError::ReadOnlyType { resource_type });
@@ -581,7 +588,7 @@ async fn delete(
     Path((care_system, resource_type, id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
-    base_url(&store, &care_system, &headers)?;
+    base_url(&store, &care_system, &headers, identity.origin.as_deref())?;
     if resource_type == "$export-status" {
         audit.set(AuditInteraction::Operation, None, None);
         audit.with(|f| f.operation = Some("$export-cancel"));
@@ -620,7 +627,7 @@ async fn instance_operation(
     Path((care_system, resource_type, id, operation)): Path<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
-    let base = base_url(&store, &care_system, &headers)?;
+    let base = base_url(&store, &care_system, &headers, identity.origin.as_deref())?;
     if resource_type == "$export-output" {
         audit.set(AuditInteraction::Operation, None, None);
         audit.with(|f| f.operation = Some("$export-output"));
@@ -859,7 +866,7 @@ async fn search(
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> ApiResult {
-    let base = base_url(&store, &care_system, &headers)?;
+    let base = base_url(&store, &care_system, &headers, identity.origin.as_deref())?;
     if resource_type == "$export" {
         return export_kickoff(
             &store,
