@@ -4,9 +4,10 @@
 //! proxies it with a signed identity assertion to that care system's store ([`proxy`]), telling
 //! the store about the requests it refused ([`refusals`]);
 //! [`server`] runs it as `shcr gateway` ([`config`]), and [`dev`] runs the whole platform on one
-//! machine (`shcr dev`, with [`seed`] demo data).
+//! machine (`shcr dev`, with [`seed`] demo data); [`app`] serves the reference web app at `/app/`.
 
 pub mod access;
+pub mod app;
 pub mod auth;
 pub mod config;
 pub mod dev;

@@ -66,10 +66,14 @@ pub enum GatewayError {
     Serve(std::io::Error),
 }
 
-/// The gateway's HTTP application: health endpoints, `extra` routes, and the proxy for
-/// everything else.
+/// The gateway's HTTP application: health endpoints, `extra` routes, the web app (`/app/`,
+/// [`crate::app`]), and the proxy for everything else; a browser's `GET /` gets the status as
+/// a page.
 pub fn app(proxy: Arc<Proxy>, extra: Router) -> Router {
-    extra.fallback(move |request: Request<Body>| proxy.clone().handle(request))
+    extra
+        .merge(crate::app::routes())
+        .fallback(move |request: Request<Body>| proxy.clone().handle(request))
+        .layer(axum::middleware::from_fn(crate::app::html_status))
 }
 
 /// `/healthz` and `/readyz` alone (for the public listener; `/metrics` stays on its own port).
