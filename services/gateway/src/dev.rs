@@ -402,6 +402,7 @@ pub async fn run(
     let stores = Arc::new(stores);
     let status_stores = stores.clone();
     let status_base = base.clone();
+    let issuer = Arc::new(issuer);
     let extra = Router::new()
         .route(
             "/",
@@ -427,7 +428,9 @@ pub async fn run(
         .merge(shcr_runtime::metrics::router(
             registry,
             Readiness::from_flag(&ready),
-        ));
+        ))
+        // The web app's sign-in: tokens from the dev issuer, in `shcr dev` only.
+        .merge(crate::app::dev_token_routes(issuer.clone()));
     let app = server::app(proxy, extra);
 
     print_welcome(&config, &base, &stores, &issuer);
@@ -485,6 +488,7 @@ fn print_welcome(config: &DevConfig, base: &str, stores: &[DevStore], issuer: &D
             s.care_system.spec.members.join(", ")
         );
     }
+    println!("app:     {base}/app/   (record viewer; {base}/ is the status page in a browser)");
     println!("status:  curl {base}/");
     println!("health:  curl {base}/healthz   metrics: curl {base}/metrics");
     if let Some(first) = stores.first()
